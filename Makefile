@@ -1,0 +1,27 @@
+# Two commands matter: `make calibrate` (the main job on its embedded default) and `make test`.
+# Both set up .venv/ first (idempotent; seconds when it is already there).
+PY := .venv/bin/python
+export VLLM_TARGET_DEVICE ?= cpu
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup calibrate test test-fast lint duplicates clean-fixtures
+
+setup:
+	bash scripts/setup.sh
+
+calibrate: setup
+	$(PY) -m tlq_vllm.calibrate $(ARGS)
+
+# Everything CI runs: fast unit tests and the vLLM end-to-end tests (marked slow).
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check tlq_vllm tests scripts
+
+clean-fixtures:
+	rm -rf $${TLQ_CACHE_DIR:-$$HOME/.cache/tlq_vllm}/fixtures

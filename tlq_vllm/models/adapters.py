@@ -1,0 +1,144 @@
+"""Architecture knowledge as data: where each supported VLM keeps its parts.
+
+Everything model-specific that the calibrator, the exporter and the fixtures need lives here,
+one `ModelAdapter` per family, looked up by the config's `model_type`. The rest of the code asks
+the adapter ("the decoder layers", "the sub-layer groups in execution order") and never
+branches on class names.
+
+Paths are attribute paths on the transformers (5.x) model object, e.g.
+`model.language_model.layers` for `Qwen2VLForConditionalGeneration`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# The Qwen2 decoder layer's linears, grouped by what runs together, in execution order: each
+# group's inputs come from the groups before it (q/k/v share one input, gate/up another).
+QWEN2_DECODER_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Where the parts of one VLM family live and how its checkpoints are laid out on the hub."""
+
+    family: str
+    model_types: tuple[str, ...]
+    decoder_layers: str
+    vision_tower: str
+    projector: str
+    lm_head: str = "lm_head"
+    decoder_groups: tuple[tuple[str, ...], ...] = QWEN2_DECODER_GROUPS
+    vision_blocks: str = ""
+    vision_groups: tuple[tuple[str, ...], ...] = ()
+    # compressed-tensors `ignore` entries: regexes, not module names, because module names
+    # change across transformers versions (vision tower, projector, lm_head stay unquantized).
+    ignore_patterns: tuple[str, ...] = ()
+    # (prefix written by transformers 5.19's save_pretrained, prefix of the hub layout that
+    # vLLM and older transformers read): applied to the saved tensor names.
+    saved_key_renames: tuple[tuple[str, str], ...] = ()
+
+    def get(self, model: torch.nn.Module, path: str) -> torch.nn.Module:
+        return model.get_submodule(path)
+
+    def layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        return model.get_submodule(self.decoder_layers)
+
+    def vision_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        return model.get_submodule(self.vision_blocks)
+
+
+QWEN_VL_VISION_GROUPS = (("attn.qkv",), ("attn.proj",), ("mlp.fc1",), ("mlp.fc2",))
+QWEN25_VL_VISION_GROUPS = (("attn.qkv",), ("attn.proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+SIGLIP_VISION_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.out_proj",),
+    ("mlp.fc1",),
+    ("mlp.fc2",),
+)
+
+ADAPTERS: tuple[ModelAdapter, ...] = (
+    ModelAdapter(
+        family="qwen2-vl",
+        model_types=("qwen2_vl",),
+        decoder_layers="model.language_model.layers",
+        vision_tower="model.visual",
+        projector="model.visual.merger",
+        vision_blocks="model.visual.blocks",
+        vision_groups=QWEN_VL_VISION_GROUPS,
+        ignore_patterns=("re:.*visual.*", "re:.*lm_head"),
+    ),
+    ModelAdapter(
+        family="qwen2.5-vl",
+        model_types=("qwen2_5_vl",),
+        decoder_layers="model.language_model.layers",
+        vision_tower="model.visual",
+        projector="model.visual.merger",
+        vision_blocks="model.visual.blocks",
+        vision_groups=QWEN25_VL_VISION_GROUPS,
+        ignore_patterns=("re:.*visual.*", "re:.*lm_head"),
+    ),
+    ModelAdapter(
+        family="llava-onevision",
+        model_types=("llava_onevision",),
+        decoder_layers="model.language_model.layers",
+        vision_tower="model.vision_tower",
+        projector="model.multi_modal_projector",
+        vision_blocks="model.vision_tower.encoder.layers",
+        vision_groups=SIGLIP_VISION_GROUPS,
+        ignore_patterns=("re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*lm_head"),
+        saved_key_renames=(("vision_tower.", "vision_tower.vision_model."),),
+    ),
+)
+
+
+def supported_model_types() -> list[str]:
+    return [t for a in ADAPTERS for t in a.model_types]
+
+
+def adapter_for_model_type(model_type: str) -> ModelAdapter:
+    """The adapter of a config's `model_type`, or an error that lists what is supported."""
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    raise ValueError(
+        f"unsupported architecture model_type={model_type!r}; supported: "
+        f"{', '.join(supported_model_types())} (add an adapter in tlq_vllm/models/adapters.py)"
+    )
+
+
+def rename_saved_keys(model_dir: Path, adapter: ModelAdapter) -> None:
+    """Rewrites tensor names in `model_dir/*.safetensors` to the hub layout vLLM reads.
+
+    transformers 5.19 saves LLaVA-OneVision's SigLIP tower as `vision_tower.encoder...` while
+    the hub checkpoints (and vLLM's loader) use `vision_tower.vision_model.encoder...`;
+    transformers itself reads both.
+    """
+    if not adapter.saved_key_renames:
+        return
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    def renamed(key: str) -> str:
+        for old, new in adapter.saved_key_renames:
+            if key.startswith(old) and not key.startswith(new):
+                return new + key[len(old) :]
+        return key
+
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors = load_file(shard)
+        save_file({renamed(k): v for k, v in tensors.items()}, shard, metadata={"format": "pt"})
+    index = Path(model_dir) / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {renamed(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))

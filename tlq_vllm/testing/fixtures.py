@@ -1,0 +1,348 @@
+"""Offline tiny VLMs of real architectures, for tests and benchmarks.
+
+No pretrained VLM can be downloaded on these machines, so each fixture is a real transformers
+architecture (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) at a few million parameters with random,
+seeded weights, a byte-level BPE tokenizer trained locally on easy-vqa's text with the family's
+special tokens and chat template, and the family's image processor. The resulting directory is
+what a user would download from a hub: `AutoModelForImageTextToText`, `AutoProcessor` and
+`vllm.LLM` all load it.
+
+Dimensions are chosen for quantization: every decoder linear has in/out features that are
+multiples of 32 and input features that are multiples of 128 (group-128 scales and vLLM's CPU
+kernels need that).
+
+Fixtures are cached under `$TLQ_CACHE_DIR/fixtures` (default `~/.cache/tlq_vllm/fixtures`),
+keyed by a hash of the recipe and the library versions that shape the files; a build writes to
+a temporary directory and renames it into place, so a cached fixture is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FIXTURE_FORMAT_VERSION = 1
+
+# Chat templates: the families' own (abridged to image + text content, which is what this
+# project uses; video placeholders kept so the processors' expectations hold).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}<image>\n"
+    "{% elif content['type'] == 'video' or 'video' in content %}<video>\n{% endif %}{% endfor %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+LLAVA_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+
+
+@dataclass(frozen=True)
+class TextDims:
+    """The Qwen2 decoder shared by all three families."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 4096
+
+
+@dataclass(frozen=True)
+class FixtureRecipe:
+    """Everything that decides a fixture's files; its hash is the cache key."""
+
+    name: str
+    family: str  # "qwen2_vl" | "qwen2_5_vl" | "llava_onevision"
+    text: TextDims = field(default_factory=TextDims)
+    vision_hidden_size: int = 128
+    vision_intermediate_size: int = 512
+    vision_depth: int = 2
+    vision_heads: int = 2
+    tokenizer_vocab_size: int = 1024
+    seed: int = 0
+
+    def cache_key(self) -> str:
+        import tokenizers
+        import transformers
+
+        payload = {
+            "recipe": asdict(self),
+            "format": FIXTURE_FORMAT_VERSION,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+FIXTURES: dict[str, FixtureRecipe] = {
+    r.name: r
+    for r in (
+        FixtureRecipe("qwen2-vl", "qwen2_vl"),
+        FixtureRecipe("qwen2.5-vl", "qwen2_5_vl", vision_intermediate_size=256),
+        FixtureRecipe("llava-onevision", "llava_onevision"),
+    )
+}
+
+
+def cache_root() -> Path:
+    """Where built fixtures (and other tlq_vllm caches) live: `$TLQ_CACHE_DIR` or ~/.cache/tlq_vllm."""
+    return Path(os.environ.get("TLQ_CACHE_DIR", Path.home() / ".cache" / "tlq_vllm"))
+
+
+def build_fixture(name: str, *, cache_dir: Path | None = None, rebuild: bool = False) -> Path:
+    """Returns the directory of fixture `name`, building it once (about 10 s) if not cached."""
+    if name not in FIXTURES:
+        raise ValueError(f"unknown fixture {name!r}; choose one of {', '.join(FIXTURES)}")
+    recipe = FIXTURES[name]
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "fixtures"
+    target = root / f"{name}-{recipe.cache_key()}"
+    if target.is_dir() and not rebuild:
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        write_fixture(recipe, staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; a model directory is readable like any other
+        if rebuild and target.exists():
+            shutil.rmtree(target)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent builder winning the race: a real error
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def write_fixture(recipe: FixtureRecipe, out_dir: Path) -> None:
+    """Writes model weights, configs, tokenizer, processor and generation config to `out_dir`."""
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    from tlq_vllm.models import adapter_for_model_type, rename_saved_keys
+
+    is_llava = recipe.family == "llava_onevision"
+    tokenizer = train_tokenizer(
+        LLAVA_SPECIAL_TOKENS if is_llava else QWEN_SPECIAL_TOKENS, recipe.tokenizer_vocab_size
+    )
+    config = make_config(recipe, tokenizer)
+    torch.manual_seed(recipe.seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(out_dir)
+    rename_saved_keys(out_dir, adapter_for_model_type(config.model_type))
+    make_processor(recipe, tokenizer).save_pretrained(out_dir)
+
+
+def easy_vqa_corpus() -> list[str]:
+    """The text a fixture's tokenizer learns from: easy-vqa's questions and answers plus the
+    chat-template words, so prompts tokenize into a realistic number of tokens."""
+    import easy_vqa
+
+    questions, answers, _ = easy_vqa.get_train_questions()
+    return [*questions, *answers, "system user assistant You are a helpful assistant."]
+
+
+def train_tokenizer(special_tokens: list[str], vocab_size: int):
+    """A byte-level BPE (the Qwen2 kind) trained on easy-vqa's text, wrapped as Qwen2's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(easy_vqa_corpus(), trainer)
+    extra = [t for t in special_tokens if t not in ("<|endoftext|>", "<|im_end|>")]
+    return Qwen2TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=extra,
+    )
+
+
+def padded_vocab_size(tokenizer) -> int:
+    """Embedding rows: the tokenizer's size rounded up to a multiple of 64."""
+    return -(-len(tokenizer) // 64) * 64
+
+
+def text_config_dict(recipe: FixtureRecipe, tokenizer, *, mrope: bool) -> dict:
+    t = recipe.text
+    head_dim = t.hidden_size // t.num_attention_heads
+    rope = {"rope_type": "default", "rope_theta": 1_000_000.0}
+    if mrope:  # temporal/height/width frequency split summing to head_dim / 2, in Qwen2-VL's 2:3:3
+        unit = head_dim // 16
+        rope["mrope_section"] = [2 * unit, 3 * unit, 3 * unit]
+    return {
+        "model_type": "qwen2",
+        "vocab_size": padded_vocab_size(tokenizer),
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads,
+        "max_position_embeddings": t.max_position_embeddings,
+        "rope_parameters": rope,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def make_config(recipe: FixtureRecipe, tokenizer):
+    """The family's real transformers config class, at fixture size."""
+    from transformers import LlavaOnevisionConfig, Qwen2_5_VLConfig, Qwen2VLConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    text = recipe.text
+    if recipe.family == "qwen2_vl":
+        text_cfg = {**text_config_dict(recipe, tokenizer, mrope=True), "model_type": "qwen2_vl_text"}
+        return Qwen2VLConfig(
+            text_config=text_cfg,
+            vision_config={
+                "depth": recipe.vision_depth,
+                "embed_dim": recipe.vision_hidden_size,
+                "hidden_size": text.hidden_size,
+                "mlp_ratio": recipe.vision_intermediate_size // recipe.vision_hidden_size,
+                "num_heads": recipe.vision_heads,
+            },
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+            architectures=["Qwen2VLForConditionalGeneration"],
+        )
+    if recipe.family == "qwen2_5_vl":
+        text_cfg = {**text_config_dict(recipe, tokenizer, mrope=True), "model_type": "qwen2_5_vl_text"}
+        return Qwen2_5_VLConfig(
+            text_config=text_cfg,
+            vision_config={
+                "depth": recipe.vision_depth,
+                "hidden_size": recipe.vision_hidden_size,
+                "intermediate_size": recipe.vision_intermediate_size,
+                "out_hidden_size": text.hidden_size,
+                "num_heads": recipe.vision_heads,
+                "fullatt_block_indexes": [recipe.vision_depth - 1],
+                "window_size": 56,
+            },
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+            architectures=["Qwen2_5_VLForConditionalGeneration"],
+        )
+    if recipe.family == "llava_onevision":
+        return LlavaOnevisionConfig(
+            text_config=text_config_dict(recipe, tokenizer, mrope=False),
+            vision_config={
+                "model_type": "siglip_vision_model",
+                "hidden_size": recipe.vision_hidden_size,
+                "intermediate_size": recipe.vision_intermediate_size,
+                "num_hidden_layers": recipe.vision_depth,
+                "num_attention_heads": recipe.vision_heads,
+                "image_size": LLAVA_TILE,
+                "patch_size": LLAVA_PATCH,
+                "vision_use_head": False,  # LLaVA-OneVision uses patch features, not SigLIP's pooled head
+            },
+            image_token_index=ids("<image>"),
+            video_token_index=ids("<video>"),
+            image_grid_pinpoints=LLAVA_GRID_PINPOINTS,
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
+            architectures=["LlavaOnevisionForConditionalGeneration"],
+        )
+    raise ValueError(f"unknown fixture family {recipe.family!r}")
+
+
+# LLaVA-OneVision at fixture size: 64-pixel SigLIP tiles of 16-pixel patches (16 tokens a tile)
+# and an any-resolution grid of up to 2x2 tiles.
+LLAVA_TILE = 64
+LLAVA_PATCH = 16
+LLAVA_GRID_PINPOINTS = [[64, 64], [64, 128], [128, 64], [128, 128]]
+
+# Qwen2-VL image budget: 112x112 to 224x224 pixels, i.e. 16 to 64 image tokens (28-pixel units).
+QWEN_MIN_PIXELS = 112 * 112
+QWEN_MAX_PIXELS = 224 * 224
+
+
+def make_processor(recipe: FixtureRecipe, tokenizer):
+    """The family's real processor (image processor + tokenizer + chat template)."""
+    from transformers import (
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    if recipe.family in ("qwen2_vl", "qwen2_5_vl"):
+        size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+        processor_cls = Qwen2VLProcessor if recipe.family == "qwen2_vl" else Qwen2_5_VLProcessor
+        return processor_cls(
+            image_processor=Qwen2VLImageProcessor(size=size),
+            video_processor=Qwen2VLVideoProcessor(size=size),
+            tokenizer=tokenizer,
+            chat_template=QWEN2_VL_CHAT_TEMPLATE,
+        )
+    tile = {"height": LLAVA_TILE, "width": LLAVA_TILE}
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(
+            size=tile, crop_size=tile, image_grid_pinpoints=LLAVA_GRID_PINPOINTS
+        ),
+        video_processor=LlavaOnevisionVideoProcessor(size=tile),
+        tokenizer=tokenizer,
+        num_image_tokens=(LLAVA_TILE // LLAVA_PATCH) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE,
+    )
