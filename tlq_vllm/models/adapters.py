@@ -36,6 +36,7 @@ class ModelAdapter:
     vision_tower: str
     projector: str
     lm_head: str = "lm_head"
+    final_norm: str = "model.language_model.norm"
     decoder_groups: tuple[tuple[str, ...], ...] = QWEN2_DECODER_GROUPS
     vision_blocks: str = ""
     vision_groups: tuple[tuple[str, ...], ...] = ()

@@ -1,0 +1,95 @@
+"""`python -m tlq_vllm.calibrate`: a thin shim from flags (and a YAML recipe) to `run(config)`.
+
+Precedence: CalibrationConfig defaults < --recipe values < flags given on the command line.
+With no arguments it calibrates the embedded default (see README) into out/, replacing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from tlq_vllm.calibrate.config import GRANULARITIES, METHODS, CalibrationConfig, ConfigError, load_recipe
+from tlq_vllm.calibrate.schemes import SCHEMES
+
+DEFAULTS = CalibrationConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    S = argparse.SUPPRESS  # only flags the user typed reach the config, so recipes can fill the rest
+    p = argparse.ArgumentParser(
+        prog="python -m tlq_vllm.calibrate",
+        description="TLQ post-training quantization calibration for vision-language models; "
+        "writes a compressed-tensors checkpoint that vLLM serves.",
+        argument_default=S,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = DEFAULTS
+    p.add_argument("--recipe", help="YAML file of options (see calibrate/); flags override it")
+    io = p.add_argument_group("what to calibrate")
+    io.add_argument("--model", help=f"HF model id, local directory, or fixture:<name> (default {d.model})")
+    io.add_argument("--data", help=f"easy-vqa, a .jsonl file, or a directory of .jsonl (default {d.data})")
+    io.add_argument("--scheme", help=f"one of {', '.join(SCHEMES)} (default {d.scheme})")
+    io.add_argument("--method", choices=METHODS, help=f"calibration method (default {d.method})")
+    io.add_argument("--output", "-o", help="output directory (default out/<model>-<method>-<scheme>)")
+    io.add_argument("--device", help=f"auto, cpu, cuda, cuda:N (default {d.device})")
+    io.add_argument("--seed", type=int, help=f"sample selection and everything random (default {d.seed})")
+    data = p.add_argument_group("calibration data")
+    data.add_argument("--num-samples", type=int, help=f"calibration samples (default {d.num_samples})")
+    data.add_argument("--max-seq-len", type=int, help=f"skip longer samples (default {d.max_seq_len})")
+    data.add_argument("--max-pixels", type=int, help="downscale larger images to this many pixels")
+    tlq = p.add_argument_group("TLQ (docs/method.md)")
+    tlq.add_argument("--importance-granularity", choices=GRANULARITIES,
+                     help=f"per-linear output gradients or the layer's residual stream (default {d.importance_granularity})")
+    tlq.add_argument("--beta", type=float, help=f"depth-global share of the importance (default {d.beta})")
+    tlq.add_argument("--clip-percentile", type=float, help=f"importance clip percentile (default {d.clip_percentile})")
+    tlq.add_argument("--rho", type=float, help=f"fraction of tokens kept per linear (default {d.rho})")
+    tlq.add_argument("--modality-floor", type=float,
+                     help=f"minimum share of each sample's vision and text tokens kept (default {d.modality_floor})")
+    tlq.add_argument("--exposure", action=argparse.BooleanOptionalAction,
+                     help="statistics from the quantized path (default on; --no-exposure: FP path)")
+    solver = p.add_argument_group("solver")
+    solver.add_argument("--block-size", type=int, help=f"GPTQ lazy-batch block (default {d.block_size})")
+    solver.add_argument("--damp", type=float, help=f"relative Hessian damping (default {d.damp})")
+    solver.add_argument("--act-order", action=argparse.BooleanOptionalAction, help="static act-order (default off)")
+    solver.add_argument("--clip-search", action=argparse.BooleanOptionalAction,
+                        help="weighted-MSE search of group clipping ratios (default off)")
+    model = p.add_argument_group("model loading")
+    model.add_argument("--quantize-vision", action=argparse.BooleanOptionalAction, help="also quantize the vision blocks")
+    model.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, help="run model code from the repo")
+    model.add_argument("--allow-pickle", action=argparse.BooleanOptionalAction, help="allow .bin (pickle) weights")
+    ctl = p.add_argument_group("run control")
+    ctl.add_argument("--overwrite", action=argparse.BooleanOptionalAction, help="replace a non-empty output dir")
+    ctl.add_argument("--resume", action=argparse.BooleanOptionalAction, help="continue an interrupted run")
+    ctl.add_argument("--log-json", help="write progress events as JSON lines to this file")
+    ctl.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars (default on)")
+    return p
+
+
+def config_from_args(argv: list[str]) -> CalibrationConfig:
+    args = vars(build_parser().parse_args(argv))
+    values: dict = {}
+    if "recipe" in args:
+        values.update(load_recipe(args.pop("recipe")))
+    values.update(args)
+    if not argv:  # the embedded default run: its own scratch output, replaced each time
+        values["overwrite"] = True
+    known = {f.name for f in fields(CalibrationConfig)}
+    return CalibrationConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tlq_vllm.calibrate.data import DataError
+    from tlq_vllm.calibrate.run import CalibrationError, run
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        run(config_from_args(argv))
+    except (ConfigError, DataError, CalibrationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished layers are kept: rerun with --resume to continue", file=sys.stderr)
+        return 130
+    return 0

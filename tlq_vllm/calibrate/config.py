@@ -1,0 +1,118 @@
+"""The calibration job's typed configuration, parsed once (CLI flags and YAML recipes map onto it)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+METHODS = ("rtn", "gptq", "mbq", "tlq")
+GRANULARITIES = ("linear", "layer")
+DEFAULT_MODEL = "fixture:qwen2-vl"
+
+
+class ConfigError(ValueError):
+    """An invalid option or recipe: the message names the value and what is allowed."""
+
+
+@dataclass
+class CalibrationConfig:
+    """Everything one calibration run depends on. Defaults are TLQ's documented defaults."""
+
+    model: str = DEFAULT_MODEL  # HF id, local dir, or "fixture:<name>" (an offline tiny VLM)
+    data: str = "easy-vqa"  # "easy-vqa", a .jsonl file or a directory of them
+    scheme: str = "W4A16"
+    method: str = "tlq"
+    output: str | None = None  # default: out/<model>-<method>-<scheme>
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
+    seed: int = 0
+    num_samples: int = 64
+    max_seq_len: int = 2048
+    max_pixels: int | None = None
+    # TLQ knobs (docs/method.md)
+    importance_granularity: str = "linear"
+    beta: float = 0.5
+    clip_percentile: float = 99.5
+    rho: float = 0.5
+    modality_floor: float = 0.1
+    exposure: bool = True
+    # solver
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    clip_search: bool = False
+    # model loading and what to quantize
+    quantize_vision: bool = False
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    # run control
+    overwrite: bool = False
+    resume: bool = False
+    log_json: str | None = None
+    progress: bool = True
+
+    def validate(self) -> CalibrationConfig:
+        from tlq_vllm.calibrate.schemes import get_scheme
+
+        try:
+            get_scheme(self.scheme)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.scheme = self.scheme.upper()
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.importance_granularity not in GRANULARITIES:
+            raise ConfigError(
+                f"unknown importance granularity {self.importance_granularity!r}; choose {' or '.join(GRANULARITIES)}"
+            )
+        checks = [
+            (0 <= self.beta <= 1, f"beta must be in [0, 1], got {self.beta}"),
+            (0 < self.rho <= 1, f"rho must be in (0, 1], got {self.rho}"),
+            (0 <= self.modality_floor <= 1, f"modality floor must be in [0, 1], got {self.modality_floor}"),
+            (50 <= self.clip_percentile <= 100, f"clip percentile must be in [50, 100], got {self.clip_percentile}"),
+            (self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}"),
+            (self.max_seq_len >= 16, f"--max-seq-len must be at least 16, got {self.max_seq_len}"),
+            (self.damp > 0, f"--damp must be positive, got {self.damp}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.quantize_vision:
+            raise ConfigError("--quantize-vision is not implemented yet; the vision tower stays in its dtype")
+        return self
+
+    def output_dir(self) -> Path:
+        if self.output:
+            return Path(self.output)
+        name = self.model.split(":", 1)[-1].rstrip("/").split("/")[-1]
+        return Path("out") / f"{name}-{self.method}-{self.scheme.lower()}"
+
+    def fingerprint(self) -> str:
+        """A hash of everything that changes the result (not run control), for resume and provenance."""
+        ignore = {"output", "overwrite", "resume", "log_json", "progress"}
+        payload = {k: v for k, v in asdict(self).items() if k not in ignore}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def knobs(self) -> dict:
+        return asdict(self)
+
+
+def load_recipe(path: str | Path) -> dict:
+    """A YAML recipe: a mapping of CalibrationConfig fields (dashes or underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of options")
+    known = {f.name for f in fields(CalibrationConfig)}
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"recipe {path}: unknown option {key!r}; known: {', '.join(sorted(known))}")
+        values[name] = value
+    return values

@@ -1,0 +1,240 @@
+"""Importance-weighted GPTQ: the layer-wise solver of TLQ.
+
+GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", arXiv 2210.17323) quantizes W column by column and spreads each column's rounding
+error over the not-yet-quantized columns, optimally for the quadratic proxy
+    tr((W - W_hat) H (W - W_hat)^T),   H = 2 sum_t x_t x_t^T.
+TLQ only changes H: each token t of the layer's token-level calibration set carries a weight w_t,
+    H = 2 sum_t w_t x_t x_t^T,
+so the proxy becomes sum_t w_t ||(W - W_hat) x_t||^2. Uniform weights over all tokens = classic GPTQ.
+
+Pure functions of (W, H, scheme, options): no hooks, no modules, no I/O. Names inside the solver
+follow the paper and the reference `fasterquant` (W, H, Hinv, Err, blocks i1:i2).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .quantizer import _group_scales, check_clip_ratios, dequantize, group_size_for, quantize, round_to_grid
+from .schemes import Scheme
+
+
+def weighted_hessian(
+    x: torch.Tensor, token_weights: torch.Tensor | None = None, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """H = 2 sum_t w_t x_t x_t^T as one matmul, [in, in] in dtype (float32 by default).
+
+    x is [n, in] (or [..., in], flattened); token_weights is [n] (or x's leading shape), >= 0,
+    None for uniform weights (classic GPTQ). Not normalised by n: sums of partial Hessians over
+    batches or ranks are then the Hessian of all tokens, and GPTQ's solution does not depend on
+    a positive factor of H anyway (damping is relative to mean diag H). Divide by the token
+    count or weight sum yourself when an average is wanted (HessianAccumulator keeps both).
+    """
+    x = x.reshape(-1, x.shape[-1]).to(dtype)  # [n, in]
+    if token_weights is not None:
+        w = token_weights.reshape(-1).to(dtype)  # [n]
+        if w.shape[0] != x.shape[0]:
+            raise ValueError(f"token_weights has {w.shape[0]} entries for {x.shape[0]} tokens")
+        if not (torch.isfinite(w).all() and (w >= 0).all()):
+            raise ValueError("token_weights must be finite and non-negative")
+        x = x * w.sqrt().unsqueeze(1)  # [n, in]: sqrt(w_t) x_t, so that X^T X = sum_t w_t x_t x_t^T
+    return torch.mm(x.T, x).mul_(2.0)  # [in, in]
+
+
+@dataclass
+class HessianAccumulator:
+    """A running H = 2 sum_t w_t x_t x_t^T with the token count and weight sum beside it.
+
+    Across processes, all-reduce (sum) `hessian`, `num_tokens` and `weight_sum` and solve on the
+    sum: the result is that of one process that saw every token."""
+
+    hessian: torch.Tensor  # [in, in]
+    num_tokens: int = 0
+    weight_sum: float = 0.0
+
+    @classmethod
+    def zeros(
+        cls, in_features: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> HessianAccumulator:
+        return cls(torch.zeros(in_features, in_features, device=device, dtype=dtype))
+
+    def add(self, x: torch.Tensor, token_weights: torch.Tensor | None = None) -> None:
+        """Adds a batch of tokens x [n, in] (or [..., in]) with optional weights [n]."""
+        n = x.numel() // x.shape[-1]
+        self.hessian += weighted_hessian(x.to(self.hessian.device), token_weights, dtype=self.hessian.dtype)
+        self.num_tokens += n
+        self.weight_sum += float(n if token_weights is None else token_weights.double().sum())
+
+    def merge(self, other: HessianAccumulator) -> None:
+        """Adds another accumulator's tokens (e.g. from another shard) to this one."""
+        self.hessian += other.hessian.to(self.hessian.device, self.hessian.dtype)
+        self.num_tokens += other.num_tokens
+        self.weight_sum += other.weight_sum
+
+
+@dataclass
+class GPTQResult:
+    """One layer's solution.
+
+    qweight [out, in] int8 and scales [out, in // group] float32 are what the checkpoint stores;
+    weight_hat [out, in] float32 = dequantize(qweight, scales).
+    loss = tr((W - W_hat) H (W - W_hat)^T) / 2 with the H given (undamped), i.e.
+    sum_t w_t ||(W - W_hat) x_t||^2 for H from weighted_hessian: the weighted squared output error
+    summed over tokens (divide by the weight sum for a per-token mean). The reference GPTQ
+    reports the same quantity up to damping.
+    damp_used: the relative damping that made H + damp * mean(diag H) * I positive definite;
+    None when the solver fell back to round-to-nearest (fallback_rtn True).
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    weight_hat: torch.Tensor
+    loss: float
+    damp_used: float | None
+    fallback_rtn: bool
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: Scheme,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    clip_ratios: Sequence[float] | None = None,
+    scale_dtype: torch.dtype | None = None,
+    max_damp_retries: int = 3,
+) -> GPTQResult:
+    """Quantizes weight [out, in] given H [in, in] with GPTQ (arXiv 2210.17323, Algorithm 1).
+
+    * Dead inputs (H_ii == 0: the feature was always 0) get H_ii = 1 and W[:, i] = 0.
+    * Damping: H + damp * mean(diag H) * I. If the Cholesky factorisation fails the damping is
+      multiplied by 10, up to max_damp_retries times; then the layer falls back to RTN
+      (fallback_rtn=True, a RuntimeWarning; the caller names the layer).
+    * Scales: per-channel scales are computed from W before the solve. Group scales are computed
+      when the solver reaches the group's first column, from the error-updated W (the
+      reference's groupsize behaviour), with the optional weighted clipping search of
+      compute_scales (column weights diag H).
+    * act_order=True is static act-order: columns are solved in order of decreasing diag H
+      (most active inputs first, while there is most freedom left to absorb their error), but
+      groups stay in the original column order and their scales come from the original W up
+      front, so the checkpoint needs no g_idx.
+    * block_size only changes speed (lazy batch updates); the result is that of the unblocked
+      column-by-column algorithm. It is rounded to a multiple of the group size when neither
+      divides the other, so a group's scale always sees its fully updated columns.
+    Computed in float32 on weight's device.
+    """
+    out_features, in_features = weight.shape
+    group = group_size_for(weight.shape, scheme)
+    if tuple(hessian.shape) != (in_features, in_features):
+        raise ValueError(f"H must be [in, in] = [{in_features}, {in_features}], got {list(hessian.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"weight of shape {list(weight.shape)} has NaN or inf entries; cannot quantize it")
+    if block_size <= 0 or damp < 0:
+        raise ValueError(f"need block_size > 0 and damp >= 0, got block_size={block_size}, damp={damp}")
+    clip_ratios = check_clip_ratios(clip_ratios)
+    H_in = hessian.detach().to(weight.device, torch.float32)  # [in, in], as given: for the loss
+
+    W = weight.detach().float().clone()  # [out, in]
+    H = H_in.clone()  # [in, in]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    diag_H = torch.diag(H)  # [in]: column importance for the clipping search
+    importance = diag_H if bool(torch.isfinite(diag_H).all() and (diag_H >= 0).all()) else None
+
+    static = act_order or scheme.group_size is None  # scales fixed before the solve
+    if static:
+        perm = torch.argsort(diag_H, descending=True, stable=True) if act_order else torch.arange(in_features)
+        perm = perm.to(W.device)
+        scales = _group_scales(W, group, scheme, clip_ratios, importance, scale_dtype)  # [out, G]
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        perm = torch.arange(in_features, device=W.device)
+        scales = torch.empty(out_features, in_features // group, device=W.device)  # [out, G]
+        if block_size % group and group % block_size:
+            block_size = group * max(1, block_size // group)
+    group_of = (perm // group).tolist()  # solve position -> group index in the original order
+
+    Hinv, damp_used = _inverse_cholesky_upper(H, damp, max_damp_retries)  # upper factor of H^-1
+    if Hinv is None:
+        warnings.warn(
+            f"GPTQ: H of a [{out_features}, {in_features}] layer is not positive definite even with "
+            f"damping {damp} x 10^{max_damp_retries}; falling back to round-to-nearest. Likely causes: "
+            "NaN/inf activations, negative token weights, or too few calibration tokens for the number "
+            "of input features (add samples, or raise the damping).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        scales = _group_scales(weight, group, scheme, clip_ratios, importance, scale_dtype)
+        return _result(quantize(weight, scales, scheme), scales, weight, H_in, scheme, None)
+
+    Q = torch.zeros_like(W)  # [out, in] grid integers, in solve order
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        W1 = W[:, i1:i2].clone()  # [out, B]
+        Err1 = torch.zeros_like(W1)  # [out, B]
+        Hinv1 = Hinv[i1:i2, i1:i2]  # [B, B]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not static and col % group == 0:
+                # The group's columns, updated by every column before it: inside this block
+                # (block a multiple of group) or, when a group spans blocks, starting here (i == 0).
+                cols = W1[:, i : i + group] if block_size >= group else W[:, col : col + group]
+                d = None if importance is None else importance[col : col + group]
+                s_group = _group_scales(cols, group, scheme, clip_ratios, d, scale_dtype)  # [out, 1]
+                scales[:, col // group] = s_group[:, 0]
+            w = W1[:, i]  # [out]
+            s = scales[:, group_of[col]]  # [out]
+            q = round_to_grid(w, s, scheme)  # [out]
+            Q[:, col] = q
+            err1 = (w - q * s) / Hinv1[i, i]  # [out]
+            W1[:, i:] -= torch.outer(err1, Hinv1[i, i:])  # error feedback inside the block
+            Err1[:, i] = err1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the later blocks
+
+    qweight = torch.empty_like(Q)
+    qweight[:, perm] = Q  # back to the original column order
+    return _result(qweight.to(torch.int8), scales, weight, H_in, scheme, damp_used)
+
+
+def _inverse_cholesky_upper(
+    H: torch.Tensor, damp: float, max_retries: int
+) -> tuple[torch.Tensor | None, float | None]:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (H^-1 = U^T U), as the reference
+    computes it: row q of U, divided by U_qq, is the OBS update for column q given that columns
+    < q are already fixed. Retries with 10x the damping; (None, None) when nothing works."""
+    mean_diag = torch.diag(H).mean()
+    if not torch.isfinite(mean_diag) or mean_diag <= 0:
+        return None, None
+    rel = damp
+    for _ in range(max_retries + 1):
+        Hd = H.clone()
+        Hd.diagonal().add_(rel * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0 and torch.isfinite(L).all():
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U, rel
+        rel = rel * 10 if rel > 0 else 0.01
+    return None, None
+
+
+def _result(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    scheme: Scheme,
+    damp_used: float | None,
+) -> GPTQResult:
+    weight_hat = dequantize(qweight, scales, scheme)  # [out, in] float32
+    D = weight.detach().float() - weight_hat  # [out, in]
+    loss = 0.5 * float(((D @ H) * D).sum())
+    return GPTQResult(qweight, scales, weight_hat, loss, damp_used, fallback_rtn=damp_used is None)

@@ -1,0 +1,228 @@
+"""Token importance from gradients, its integration across depth, and the token-level set.
+
+Notation (docs/method.md): decoder layer l, sample s, token t, linear output y_t = W x_t, loss L_s
+(cross-entropy over the answer tokens).
+
+- `gradient_importance`: a_{l,j,t} = ||dL/dy_{l,j,t}||^2 for every decoder linear j (a
+  diagonal-Fisher estimate of what an output error at token t costs), from a block-wise backward
+  pass over the streamed layers: forward one layer at a time storing each layer's input, then
+  backward one layer at a time in reverse, recomputing the layer from its stored input. No
+  whole-model autograd graph exists; peak device memory is one layer. With granularity "layer",
+  a_{l,t} = ||dL/dh_{l+1,t}||^2 of the residual stream, shared by the layer's linears.
+- `integrate`: normalise by the mean over all calibration tokens, clip at a high percentile,
+  blend local and depth-global importance with beta.
+- `select_tokens`: keep the top rho fraction (with per-sample modality floors); weights renormalised
+  to mean 1 over the kept tokens. Stored as indices + weights, never as activation copies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tlq_vllm.calibrate.data import ROLE_ANSWER, ROLE_PROMPT, ROLE_VISION
+from tlq_vllm.calibrate.streaming import LayerInputs, layer_forward, on_device, run_layer, to_device
+
+# importance[layer][linear name] = one [T] float32 tensor per sample
+Importance = list[dict[str, list[torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """The calibration tokens of one linear: per sample, kept token indices and their weights."""
+
+    indices: list[torch.Tensor]  # per sample: [k_s] int64
+    weights: list[torch.Tensor]  # per sample: [k_s] float32, mean 1 over all kept tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(i.numel()) for i in self.indices)
+
+
+def answer_loss(hidden: torch.Tensor, final_norm, lm_head, roles: torch.Tensor, input_ids: torch.Tensor):
+    """Cross-entropy of the answer tokens given everything before them; hidden is [1, T, H]."""
+    logits = lm_head(final_norm(hidden))[0].float()  # [T, V]
+    targets = (roles == ROLE_ANSWER).nonzero().flatten()
+    targets = targets[targets > 0]  # token t is predicted at position t - 1
+    return F.cross_entropy(logits[targets - 1], input_ids[targets].to(logits.device))
+
+
+def _float_kwargs(kwargs: dict, device) -> dict:
+    """Layer kwargs on `device`, with floating tensors (rotary cos/sin, masks) in float32."""
+    def cast(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(device, torch.float32)
+        if isinstance(value, tuple | list):
+            return type(value)(cast(v) for v in value)
+        return to_device(value, device)
+
+    return {k: cast(v) for k, v in kwargs.items()}
+
+
+def gradient_importance(
+    layers: torch.nn.ModuleList,
+    final_norm: torch.nn.Module,
+    lm_head: torch.nn.Module,
+    layer_names: list[str],
+    inputs: list[LayerInputs],
+    roles: list[torch.Tensor],
+    input_ids: list[torch.Tensor],
+    *,
+    device,
+    granularity: str = "linear",
+    progress: bool = True,
+) -> tuple[Importance, list[float]]:
+    """Returns a[l][linear][s] = per-token squared output-gradient norms, and each sample's loss.
+
+    The backward runs in float32 on a float32 copy of one layer at a time (bf16 gradients are
+    too coarse for a ranking of tokens). Parameters get no gradients.
+    """
+    num_layers = len(layers)
+    # Forward, storing each layer's input (CPU, model dtype): stored[l][s] = input of layer l.
+    stored = [[x.hidden for x in inputs]]
+    for layer in tqdm(layers, desc="importance: forward", disable=not progress, leave=False):
+        with on_device(layer, device):
+            stored.append(run_layer(layer, stored[-1], [x.kwargs for x in inputs], device))
+
+    importance: Importance = [{name: [] for name in layer_names} for _ in range(num_layers)]
+    grads, losses = [], []
+    with on_device(final_norm, device), on_device(lm_head, device):
+        for s, hidden in enumerate(stored[-1]):
+            h = hidden.to(device, torch.float32).requires_grad_(True)
+            loss = answer_loss(h, final_norm.float(), lm_head.float(), roles[s], input_ids[s])
+            loss.backward()
+            grads.append(h.grad.detach().to("cpu"))
+            losses.append(float(loss))
+    final_norm.to(stored[-1][0].dtype)
+    lm_head.to(stored[-1][0].dtype)
+
+    for l in tqdm(reversed(range(num_layers)), total=num_layers, desc="importance: backward",
+                  disable=not progress, leave=False):
+        layer = layers[l]
+        dtype = next(layer.parameters()).dtype
+        layer.to(device, torch.float32)
+        captured: dict[str, torch.Tensor] = {}
+        handles = []
+        if granularity == "linear":
+            for name in layer_names:
+                def keep_output_grad(_module, _args, output, name=name):
+                    output.register_hook(lambda g: captured.__setitem__(name, g.detach()))
+
+                handles.append(layer.get_submodule(name).register_forward_hook(keep_output_grad))
+        try:
+            for s, x in enumerate(inputs):
+                grad_out = grads[s].to(device, torch.float32)
+                h_in = stored[l][s].to(device, torch.float32).requires_grad_(True)
+                out = layer_forward(layer, h_in, _float_kwargs(x.kwargs, device))
+                out.backward(grad_out)
+                for name in layer_names:
+                    g = captured[name] if granularity == "linear" else grad_out
+                    importance[l][name].append(g.reshape(-1, g.shape[-1]).pow(2).sum(-1).to("cpu"))
+                grads[s] = h_in.grad.detach().to("cpu")
+                captured.clear()
+        finally:
+            for handle in handles:
+                handle.remove()
+            layer.to("cpu", dtype)
+    return importance, losses
+
+
+def integrate(importance: Importance, *, beta: float = 0.5, clip_percentile: float = 99.5) -> Importance:
+    """I_{l,j,t} = (1 - beta) * a_hat_{l,j,t} + beta * mean_k a_hat_{k,j,t}.
+
+    a_hat is a normalised by its mean over all calibration tokens of (l, j) and clipped at the
+    given percentile of those tokens (gradient spikes would otherwise own the Hessian). The
+    depth-global term averages the same linear role j over all layers k.
+    """
+    normalised: Importance = []
+    for per_linear in importance:
+        layer_out = {}
+        for name, per_sample in per_linear.items():
+            flat = torch.cat(per_sample)
+            a_hat = [a / flat.mean().clamp_min(1e-30) for a in per_sample]
+            cap = torch.quantile(torch.cat(a_hat).double(), clip_percentile / 100).float()
+            layer_out[name] = [a.clamp_max(cap) for a in a_hat]
+        normalised.append(layer_out)
+    num_layers = len(normalised)
+    result: Importance = []
+    for per_linear in normalised:
+        layer_out = {}
+        for name, per_sample in per_linear.items():
+            layer_out[name] = [
+                (1 - beta) * a + beta * sum(normalised[k][name][s] for k in range(num_layers)) / num_layers
+                for s, a in enumerate(per_sample)
+            ]
+        result.append(layer_out)
+    return result
+
+
+def select_tokens(
+    scores: list[torch.Tensor], roles: list[torch.Tensor], *, rho: float = 0.5, modality_floor: float = 0.1
+) -> TokenSet:
+    """Keeps the top `rho` fraction of all tokens by score, plus, per sample, at least
+    `modality_floor` of its vision tokens and of its text tokens (the best-scored ones), so no
+    sample or modality vanishes from the Hessian. Weights are the scores renormalised to mean 1."""
+    flat = torch.cat(scores)
+    n_keep = max(1, math.ceil(rho * flat.numel()))
+    threshold = flat.topk(n_keep).values[-1] if rho < 1 else -math.inf
+    indices, weights = [], []
+    for score, role in zip(scores, roles, strict=True):
+        keep = score >= threshold
+        for modality in (role == ROLE_VISION, (role == ROLE_PROMPT) | (role == ROLE_ANSWER)):
+            n_floor = math.ceil(modality_floor * int(modality.sum()))
+            if n_floor:
+                masked = torch.where(modality, score, torch.full_like(score, -math.inf))
+                keep[masked.topk(n_floor).indices] = True
+        idx = keep.nonzero().flatten()
+        indices.append(idx)
+        weights.append(score[idx].float())
+    mean = torch.cat(weights).mean().clamp_min(1e-30)
+    return TokenSet(indices, [w / mean for w in weights])
+
+
+def all_tokens(roles: list[torch.Tensor]) -> TokenSet:
+    """Every token with weight 1: classic GPTQ."""
+    return TokenSet([torch.arange(r.numel()) for r in roles], [torch.ones(r.numel()) for r in roles])
+
+
+def mbq_ratios(raw: Importance, roles: list[torch.Tensor]) -> list[float]:
+    """MBQ's modality balance per layer: r_l = mean|g| over vision tokens / mean|g| over answer
+    tokens (|g| = the output-gradient norm, averaged over the layer's linears), clamped below by
+    the median over layers, as in MBQ's public code."""
+    ratios = []
+    vision = torch.cat([r == ROLE_VISION for r in roles])
+    answer = torch.cat([r == ROLE_ANSWER for r in roles])
+    for per_linear in raw:
+        g = torch.stack([torch.cat(v).sqrt() for v in per_linear.values()]).mean(0)
+        ratios.append(float(g[vision].mean() / g[answer].mean().clamp_min(1e-30)) if vision.any() else 1.0)
+    floor = float(torch.tensor(ratios).median())
+    return [max(r, floor) for r in ratios]
+
+
+def modality_tokens(roles: list[torch.Tensor], vision_weight: float) -> TokenSet:
+    """MBQ's token weights: vision tokens r_l, answer tokens 1, prompt tokens 0 (left out)."""
+    indices, weights = [], []
+    for role in roles:
+        idx = ((role == ROLE_VISION) | (role == ROLE_ANSWER)).nonzero().flatten()
+        w = torch.where(role[idx] == ROLE_VISION, vision_weight, 1.0).float()
+        indices.append(idx)
+        weights.append(w)
+    return TokenSet(indices, weights)
+
+
+def modality_means(importance: Importance, roles: list[torch.Tensor]) -> list[dict[str, float]]:
+    """Per layer: mean importance of vision, prompt and answer tokens (the paper's premise)."""
+    masks = {
+        "vision": torch.cat([r == ROLE_VISION for r in roles]),
+        "prompt": torch.cat([r == ROLE_PROMPT for r in roles]),
+        "answer": torch.cat([r == ROLE_ANSWER for r in roles]),
+    }
+    out = []
+    for per_linear in importance:
+        values = torch.stack([torch.cat(v) for v in per_linear.values()]).mean(0)
+        out.append({k: float(values[m].mean()) if m.any() else float("nan") for k, m in masks.items()})
+    return out

@@ -1,0 +1,173 @@
+"""Quantization-exposed layer-wise calibration of one decoder layer.
+
+Layers are calibrated in order; the inputs of layer l come from layers < l already quantized
+(and, for A8 schemes, with their activations fake-quantized per token exactly as the int8
+kernel will). Inside a layer the sub-layer groups are calibrated in execution order
+(q,k,v -> o -> gate,up -> down), each group's statistics taken from inputs produced by the
+already-quantized groups before it. This is what "consistent with the true quantized inference
+path" means here. With exposure off (ablation) the statistics come from the FP path instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from tlq_vllm.calibrate.gptq import HessianAccumulator, gptq_quantize
+from tlq_vllm.calibrate.importance import TokenSet
+from tlq_vllm.calibrate.quantizer import (
+    compute_scales,
+    dequantize,
+    fake_quantize_activations_per_token,
+    quantize,
+)
+from tlq_vllm.calibrate.schemes import Scheme
+from tlq_vllm.calibrate.streaming import capture_linear_inputs, to_device
+
+
+@dataclass
+class LinearResult:
+    """One calibrated linear: what the checkpoint stores, and its weighted errors."""
+
+    qweight: torch.Tensor  # int8 [out, in]
+    scales: torch.Tensor  # float32 [out, in/group] (values representable in the model dtype)
+    error_rtn: float  # weighted output error of round-to-nearest under the same H
+    error: float  # weighted output error of the solution (GPTQ, or RTN when solver="rtn")
+    fallback_rtn: bool = False
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    solver: str = "gptq"  # "gptq" | "rtn"
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    clip_search: bool = False
+
+
+CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(7))  # 1.0 .. 0.7
+
+
+@contextlib.contextmanager
+def activation_fake_quant(linears: list[torch.nn.Module], scheme: Scheme) -> Iterator[None]:
+    """For A8 schemes: per-token int8 fake-quantization of these linears' inputs, like the kernel."""
+    if not scheme.quantizes_activations:
+        yield
+        return
+
+    def hook(_module, args):
+        return (fake_quantize_activations_per_token(args[0], scheme.act_bits, kernel="cpu"), *args[1:])
+
+    handles = [linear.register_forward_pre_hook(hook) for linear in linears]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def weighted_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(dW H dW^T) / 2 = sum_t w_t ||dW x_t||^2 for H = 2 sum_t w_t x_t x_t^T."""
+    return float(((delta @ hessian) * delta).sum() / 2)
+
+
+def quantize_linear(weight: torch.Tensor, hessian: torch.Tensor | None, scheme: Scheme, options: SolverOptions,
+                    scale_dtype: torch.dtype) -> LinearResult:
+    """Solves one linear: GPTQ on H, or RTN (no data). Scales are rounded to the model dtype,
+    the dtype the checkpoint and kernel hold them in, so the integers fit the real scales."""
+    w = weight.detach().float()
+    if hessian is None or options.solver == "rtn":
+        diag = torch.diagonal(hessian).clamp_min(0) if hessian is not None else None
+        clip = CLIP_RATIOS if options.clip_search else None
+        scales = compute_scales(w, scheme, clip_ratios=clip, hessian_diag=diag, scale_dtype=scale_dtype)
+        q = quantize(w, scales, scheme)
+        err = weighted_error(w - dequantize(q, scales, scheme), hessian) if hessian is not None else 0.0
+        return LinearResult(q, scales.float(), err, err)
+    rtn_scales = compute_scales(w, scheme, scale_dtype=scale_dtype)
+    rtn_error = weighted_error(w - dequantize(quantize(w, rtn_scales, scheme), rtn_scales, scheme), hessian)
+    result = gptq_quantize(
+        w, hessian, scheme,
+        block_size=options.block_size, damp=options.damp, act_order=options.act_order,
+        clip_ratios=CLIP_RATIOS if options.clip_search else None, scale_dtype=scale_dtype,
+    )
+    error = weighted_error(w - result.weight_hat, hessian)
+    return LinearResult(result.qweight, result.scales.float(), rtn_error, error, result.fallback_rtn)
+
+
+def calibrate_layer(
+    layer: torch.nn.Module,
+    groups: tuple[tuple[str, ...], ...],
+    hiddens: list[torch.Tensor],
+    kwargs: list[dict],
+    token_sets: Callable[[str], TokenSet],
+    scheme: Scheme,
+    options: SolverOptions,
+    *,
+    device,
+    fp_hiddens: list[torch.Tensor] | None = None,
+) -> dict[str, LinearResult]:
+    """Calibrates every linear of `layer` (already on `device`) group by group, in place.
+
+    hiddens: the layer's inputs on the quantized path (per sample, CPU). fp_hiddens: when given
+    (exposure off), statistics come from these FP-path inputs with the layer's FP weights.
+    token_sets(name) gives the kept tokens and their weights for a linear.
+    After the call every linear's weight holds its dequantized value; results hold the integers.
+    """
+    dtype = next(layer.parameters()).dtype
+    results: dict[str, LinearResult] = {}
+    quantized: list[torch.nn.Module] = []
+    originals = {n: layer.get_submodule(n).weight.detach().clone() for g in groups for n in g}
+    for group in groups:
+        linears = [layer.get_submodule(n) for n in group]
+        accumulators = {n: HessianAccumulator.zeros(linears[0].in_features, device=device) for n in group}
+        exposed = fp_hiddens is None
+        source = hiddens if exposed else fp_hiddens
+        context = activation_fake_quant(quantized, scheme) if exposed else _fp_weights(layer, originals, quantized)
+        with context:
+            for s, (hidden, kw) in enumerate(zip(source, kwargs, strict=True)):
+                x = capture_linear_inputs(layer, group, hidden.to(device), to_device(kw, device))  # [T, in]
+                if exposed and scheme.quantizes_activations:
+                    x = fake_quantize_activations_per_token(x, scheme.act_bits, kernel="cpu", dtype=torch.float32)
+                for name in group:
+                    tokens = token_sets(name)
+                    idx = tokens.indices[s].to(device)
+                    accumulators[name].add(x[idx].float(), tokens.weights[s].to(device))
+        for name, linear in zip(group, linears, strict=True):
+            result = quantize_linear(linear.weight, accumulators[name].hessian, scheme, options, dtype)
+            linear.weight.data = dequantize(result.qweight.to(device), result.scales.to(device), scheme, dtype)
+            results[name] = LinearResult(
+                result.qweight.cpu(), result.scales.cpu(), result.error_rtn, result.error, result.fallback_rtn
+            )
+            quantized.append(linear)
+    return results
+
+
+@contextlib.contextmanager
+def _fp_weights(layer, originals: dict[str, torch.Tensor], quantized: list[torch.nn.Module]) -> Iterator[None]:
+    """Temporarily restores the FP weights of already-quantized linears (exposure-off ablation)."""
+    saved = {}
+    for name, weight in originals.items():
+        module = layer.get_submodule(name)
+        if module in quantized:
+            saved[name] = module.weight.data
+            module.weight.data = weight
+    try:
+        yield
+    finally:
+        for name, data in saved.items():
+            layer.get_submodule(name).weight.data = data
+
+
+def rtn_layer(layer: torch.nn.Module, names: list[str], scheme: Scheme, options: SolverOptions) -> dict[str, LinearResult]:
+    """Round-to-nearest for every linear of a layer: no data involved."""
+    dtype = next(layer.parameters()).dtype
+    results = {}
+    for name in names:
+        linear = layer.get_submodule(name)
+        result = quantize_linear(linear.weight, None, scheme, options, dtype)
+        linear.weight.data = dequantize(result.qweight, result.scales, scheme, dtype)
+        results[name] = result
+    return results

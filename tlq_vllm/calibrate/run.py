@@ -1,0 +1,455 @@
+"""One calibration run, stage by stage: load, data, catch, importance, layer-wise calibration, export.
+
+Every stage streams: weights stay on CPU, one decoder layer at a time visits the calibration
+device, per-sample activations live on CPU between layers. The output directory appears only
+when everything is written (staging directory + rename); partial per-layer results live in the
+cache directory so that `--resume` can continue an interrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tlq_vllm import __version__
+from tlq_vllm.calibrate.config import CalibrationConfig, ConfigError
+from tlq_vllm.calibrate.data import DataError, build_sample, dataset_hash, load_records
+from tlq_vllm.calibrate.importance import (
+    all_tokens,
+    gradient_importance,
+    integrate,
+    mbq_ratios,
+    modality_means,
+    modality_tokens,
+    select_tokens,
+)
+from tlq_vllm.calibrate.layerwise import (
+    LinearResult,
+    SolverOptions,
+    activation_fake_quant,
+    calibrate_layer,
+    rtn_layer,
+)
+from tlq_vllm.calibrate.quantizer import dequantize
+from tlq_vllm.calibrate.schemes import Scheme, get_scheme
+from tlq_vllm.calibrate.streaming import catch_layer_inputs, on_device, run_layer
+from tlq_vllm.models import ModelAdapter, adapter_for_model_type
+
+
+class CalibrationError(RuntimeError):
+    """A run that cannot go on; the message says why and what to try."""
+
+
+@dataclass
+class RunLog:
+    """Progress lines for people, and the same events as JSON lines for machines (--log-json)."""
+
+    path: str | None
+    events: list[dict] = field(default_factory=list)
+
+    def event(self, kind: str, message: str | None = None, **data) -> None:
+        record = {"event": kind, "time": round(time.time(), 3), **data}
+        self.events.append(record)
+        if message:
+            tqdm.write(message)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_model(name: str) -> str:
+    """`fixture:<name>` builds an offline tiny VLM; anything else is a local dir or a hub id."""
+    if name.startswith("fixture:"):
+        from tlq_vllm.testing import build_fixture
+
+        try:
+            return str(build_fixture(name.split(":", 1)[1]))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return name
+
+
+def load_model(model_ref: str, config: CalibrationConfig):
+    """Config first (cheap: the architecture check and shape checks need nothing else)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    local = Path(model_ref).is_dir()
+    if not local and (model_ref.startswith((".", "/")) or Path(model_ref).exists()):
+        raise ConfigError(f"model path {model_ref} is not a model directory")
+    try:
+        hf_config = AutoConfig.from_pretrained(model_ref, trust_remote_code=config.trust_remote_code)
+    except OSError as err:
+        where = "a local directory" if local else "found locally and could not be downloaded (offline?)"
+        raise ConfigError(f"model {model_ref!r} is not {where}: {str(err).splitlines()[0]}") from None
+    adapter = adapter_for_model_type(hf_config.model_type)
+    if not local or not list(Path(model_ref).glob("*.safetensors")):
+        if local and not config.allow_pickle:
+            raise ConfigError(
+                f"model {model_ref} has no .safetensors weights; loading pickle (.bin) weights runs code "
+                "from the file: pass --allow-pickle if you trust it"
+            )
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_ref, dtype="auto", trust_remote_code=config.trust_remote_code,
+        use_safetensors=None if config.allow_pickle else True,
+    )
+    model.eval()
+    model.requires_grad_(False)
+    processor = AutoProcessor.from_pretrained(model_ref, trust_remote_code=config.trust_remote_code)
+    return model, processor, adapter
+
+
+def target_linears(adapter: ModelAdapter) -> list[str]:
+    return [name for group in adapter.decoder_groups for name in group]
+
+
+def check_shapes(model, adapter: ModelAdapter, scheme: Scheme) -> None:
+    """Every target linear's input features must divide into the scheme's groups."""
+    for l, layer in enumerate(adapter.layers(model)):
+        for name in target_linears(adapter):
+            in_features = layer.get_submodule(name).in_features
+            if scheme.group_size and in_features % scheme.group_size:
+                raise ConfigError(
+                    f"layer {l} {name} has {in_features} input features, not divisible by {scheme.name}'s "
+                    f"group size {scheme.group_size}; choose a per-channel scheme (W8A8) or another model"
+                )
+
+
+def peak_memory(device: torch.device) -> dict:
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {"host_peak_rss_mib": round(rss_mib, 1)}
+    if device.type == "cuda":
+        out["device_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+class PartialRun:
+    """Finished layers of an interrupted run, in the cache dir, keyed by the config fingerprint."""
+
+    def __init__(self, config: CalibrationConfig):
+        from tlq_vllm.testing.fixtures import cache_root
+
+        self.dir = cache_root() / "runs" / config.fingerprint()
+        if not config.resume:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def finished_layers(self) -> dict[int, dict[str, LinearResult]]:
+        from safetensors.torch import load_file
+
+        done = {}
+        for meta_path in sorted(self.dir.glob("layer_*.json")):
+            l = int(meta_path.stem.split("_")[1])
+            tensors_path = meta_path.with_suffix(".safetensors")
+            if not tensors_path.exists():
+                continue
+            meta = json.loads(meta_path.read_text())
+            tensors = load_file(tensors_path)
+            done[l] = {
+                name: LinearResult(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], *meta[name])
+                for name in meta
+            }
+        return done
+
+    def save_layer(self, l: int, results: dict[str, LinearResult]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, r in results.items():
+            tensors[f"{name}.qweight"] = r.qweight.contiguous()
+            tensors[f"{name}.scales"] = r.scales.contiguous()
+        save_file(tensors, self.dir / f"layer_{l:03d}.safetensors")
+        meta = {name: [r.error_rtn, r.error, r.fallback_rtn] for name, r in results.items()}
+        tmp = self.dir / f"layer_{l:03d}.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, self.dir / f"layer_{l:03d}.json")  # the .json marks the layer finished
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: Path, overwrite: bool):
+    """Yields an empty staging directory beside `out_dir`; renames it into place on success and
+    removes it on failure, so an output directory that exists is always complete."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ConfigError(f"output {out_dir} exists and is not empty; pass --overwrite to replace it")
+    parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = parent / f".{out_dir.name}.tlq-staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as err:
+        raise ConfigError(f"cannot write the output directory {out_dir}: {err.strerror}") from None
+    try:
+        yield staging
+        if out_dir.exists():
+            old = parent / f".{out_dir.name}.tlq-old-{os.getpid()}"
+            os.rename(out_dir, old)
+            os.rename(staging, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def run(config: CalibrationConfig) -> Path:
+    """Calibrates `config.model` and writes a compressed-tensors checkpoint; returns its path."""
+    config.validate()
+    started = time.time()
+    scheme = get_scheme(config.scheme)
+    device = resolve_device(config.device)
+    log = RunLog(config.log_json)
+    if config.log_json:
+        Path(config.log_json).unlink(missing_ok=True)
+    torch.manual_seed(config.seed)
+    out_dir = config.output_dir()
+    model_ref = resolve_model(config.model)
+
+    with staged_output(out_dir, config.overwrite) as staging:
+        model, processor, adapter = load_model(model_ref, config)
+        check_shapes(model, adapter, scheme)
+        layers = adapter.layers(model)
+        names = target_linears(adapter)
+        log.event("start", f"tlq: {config.method} {scheme.name} on {model_ref} ({len(layers)} decoder layers, "
+                  f"device {device})", method=config.method, scheme=scheme.name, model=model_ref)
+        options = SolverOptions(
+            solver="rtn" if config.method == "rtn" else "gptq", block_size=config.block_size,
+            damp=config.damp, act_order=config.act_order, clip_search=config.clip_search,
+        )
+        partial = PartialRun(config)
+        finished = partial.finished_layers() if config.resume else {}
+        if finished:
+            log.event("resume", f"resuming: layers {sorted(finished)} already calibrated", layers=sorted(finished))
+
+        records, samples, provenance_extra = [], [], {}
+        results: dict[int, dict[str, LinearResult]] = {}
+        try:
+            if config.method == "rtn":
+                for l, layer in enumerate(tqdm(layers, desc="rtn", disable=not config.progress)):
+                    results[l] = rtn_layer(layer, names, scheme, options)
+            else:
+                records, samples = prepare_samples(model, processor, config, log)
+                results, provenance_extra = calibrate_model(
+                    model, adapter, samples, scheme, options, config, device, log, partial, finished
+                )
+        except torch.OutOfMemoryError as err:
+            raise CalibrationError(
+                f"out of memory on {device} ({str(err).splitlines()[0]}); `--plan` predicts peaks; lower "
+                "--num-samples, --max-seq-len or --max-pixels, or use --importance-granularity layer"
+            ) from None
+
+        memory = peak_memory(device)
+        provenance = {
+            "tlq_version": __version__,
+            "method": config.method,
+            "scheme": scheme.name,
+            "options": config.knobs(),
+            "fingerprint": config.fingerprint(),
+            "model": model_ref,
+            "calibration_set": {
+                "source": config.data,
+                "hash": dataset_hash(records) if records else None,
+                "num_samples": len(samples),
+                "num_tokens": sum(s.num_tokens for s in samples),
+            },
+            "seed": config.seed,
+            "layers": [
+                {name: {"weighted_error_rtn": r.error_rtn, "weighted_error": r.error, "fallback_rtn": r.fallback_rtn}
+                 for name, r in results[l].items()}
+                for l in range(len(layers))
+            ],
+            **provenance_extra,
+            "memory": memory,
+            "wall_time_s": round(time.time() - started, 2),
+        }
+        export(model, adapter, scheme, results, model_ref, staging, provenance)
+    partial.remove()
+    print_summary(results, provenance, out_dir, log)
+    return out_dir
+
+
+def prepare_samples(model, processor, config: CalibrationConfig, log: RunLog):
+    records = load_records(config.data, num_samples=config.num_samples, seed=config.seed)
+    image_token_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
+    samples, too_long = [], 0
+    for record in tqdm(records, desc="data", disable=not config.progress, leave=False):
+        if record.answer is None:
+            record.answer = greedy_answer(model, processor, record, config)
+        sample = build_sample(record, processor, image_token_id, max_pixels=config.max_pixels)
+        if sample.num_tokens > config.max_seq_len:
+            too_long += 1
+            continue
+        samples.append(sample)
+    if not samples:
+        raise DataError(f"every sample is longer than --max-seq-len {config.max_seq_len}; raise it or lower --max-pixels")
+    log.event("data", f"data: {len(samples)} samples, {sum(s.num_tokens for s in samples)} tokens"
+              + (f" ({too_long} longer than --max-seq-len skipped)" if too_long else ""),
+              samples=len(samples), skipped=too_long)
+    return records, samples
+
+
+def greedy_answer(model, processor, record, config: CalibrationConfig, max_new_tokens: int = 32) -> str:
+    """The FP model's own greedy answer, the label for records that have none."""
+    from tlq_vllm.calibrate.data import Record, open_image
+
+    images = [open_image(p, record.source, config.max_pixels) for p in record.images]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": record.prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(text=[text], images=images or None, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    assert isinstance(record, Record)
+    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def calibrate_model(model, adapter, samples, scheme, options, config, device, log, partial, finished):
+    """Catch layer-0 inputs, importance (tlq/mbq), then calibrate layer by layer on the exposed path."""
+    layers = adapter.layers(model)
+    names = target_linears(adapter)
+    caught = []
+    with _pre_decoder_on(model, adapter, device):
+        for sample in tqdm(samples, desc="catch layer-0 inputs", disable=not config.progress, leave=False):
+            caught.append(catch_layer_inputs(model, layers, {k: v.to(device) for k, v in sample.inputs.items()}))
+    roles = [s.roles for s in samples]
+    kwargs = [c.kwargs for c in caught]
+    extra: dict = {}
+
+    token_sets_for_layer = lambda l: (lambda name: uniform)  # noqa: E731
+    uniform = all_tokens(roles)
+    if config.method in ("tlq", "mbq"):
+        t0 = time.time()
+        raw, losses = gradient_importance(
+            layers, model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head), names, caught,
+            roles, [s.inputs["input_ids"][0] for s in samples], device=device,
+            granularity=config.importance_granularity, progress=config.progress,
+        )
+        extra["importance"] = {"granularity": config.importance_granularity, "mean_answer_loss": sum(losses) / len(losses),
+                               "per_layer_raw": modality_means(raw, roles)}
+        if config.method == "tlq":
+            scores = integrate(raw, beta=config.beta, clip_percentile=config.clip_percentile)
+            extra["importance"]["per_layer_integrated"] = modality_means(scores, roles)
+            sets = [{n: select_tokens(scores[l][n], roles, rho=config.rho, modality_floor=config.modality_floor)
+                     for n in names} for l in range(len(layers))]
+            token_sets_for_layer = lambda l: sets[l].__getitem__  # noqa: E731
+            kept = sum(sets[0][n].num_tokens for n in names) / len(names)
+            log.event("importance", f"importance: {time.time() - t0:.1f}s, loss {extra['importance']['mean_answer_loss']:.3f}, "
+                      f"token set keeps {kept:.0f}/{sum(r.numel() for r in roles)} tokens per linear",
+                      seconds=time.time() - t0)
+        else:
+            ratios = mbq_ratios(raw, roles)
+            extra["mbq_vision_weights"] = ratios
+            mbq_sets = [modality_tokens(roles, r) for r in ratios]
+            token_sets_for_layer = lambda l: (lambda name: mbq_sets[l])  # noqa: E731
+            log.event("importance", f"mbq: vision/answer weights per layer {[round(r, 3) for r in ratios]}",
+                      ratios=ratios)
+
+    hiddens = [c.hidden for c in caught]
+    fp_hiddens = [c.hidden for c in caught] if not config.exposure else None
+    results: dict[int, dict[str, LinearResult]] = {}
+    bar = tqdm(range(len(layers)), desc="calibrate layers", disable=not config.progress)
+    for l in bar:
+        layer = layers[l]
+        with on_device(layer, device):
+            t0 = time.time()
+            next_fp = run_layer(layer, fp_hiddens, kwargs, device) if fp_hiddens is not None else None
+            if l in finished:
+                results[l] = finished[l]
+                apply_results(layer, results[l], scheme)
+            else:
+                results[l] = calibrate_layer(
+                    layer, adapter.decoder_groups, hiddens, kwargs, token_sets_for_layer(l), scheme, options,
+                    device=device, fp_hiddens=fp_hiddens,
+                )
+                partial.save_layer(l, results[l])
+                before = sum(r.error_rtn for r in results[l].values())
+                after = sum(r.error for r in results[l].values())
+                fallbacks = [n for n, r in results[l].items() if r.fallback_rtn]
+                log.event("layer", f"layer {l:3d}: weighted error rtn {before:.4g} -> {config.method} {after:.4g} "
+                          f"({time.time() - t0:.1f}s)" + (f"; RTN fallback in {fallbacks}" if fallbacks else ""),
+                          layer=l, error_rtn=before, error=after, seconds=time.time() - t0, fallback=fallbacks)
+            with activation_fake_quant([layer.get_submodule(n) for n in names], scheme):
+                hiddens = run_layer(layer, hiddens, kwargs, device)
+            fp_hiddens = next_fp
+    return results, extra
+
+
+@contextlib.contextmanager
+def _pre_decoder_on(model, adapter, device):
+    """Moves everything but the decoder layers (vision tower, projector, embeddings, rotary
+    buffers) to `device` for the catcher; the decoder layers stay on CPU (it stops before them)."""
+    if device.type == "cpu":
+        yield
+        return
+    prefix = adapter.decoder_layers + "."
+    tensors = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith(prefix)]
+    for t in tensors:
+        t.data = t.data.to(device)
+    try:
+        yield
+    finally:
+        for t in tensors:
+            t.data = t.data.to("cpu")
+
+
+def apply_results(layer, results: dict[str, LinearResult], scheme: Scheme) -> None:
+    dtype = next(layer.parameters()).dtype
+    for name, r in results.items():
+        linear = layer.get_submodule(name)
+        linear.weight.data = dequantize(r.qweight, r.scales, scheme, dtype).to(linear.weight.device)
+
+
+def export(model, adapter, scheme, results, model_ref, staging: Path, provenance: dict) -> None:
+    from tlq_vllm.calibrate.export import QuantizedLinear, write_checkpoint
+
+    prefix = adapter.decoder_layers
+    quantized = {
+        f"{prefix}.{l}.{name}": QuantizedLinear(r.qweight, r.scales)
+        for l, per_layer in results.items() for name, r in per_layer.items()
+    }
+    source_dir = Path(model_ref) if Path(model_ref).is_dir() else None
+    if source_dir is None:
+        from huggingface_hub import snapshot_download
+
+        source_dir = Path(snapshot_download(model_ref, allow_patterns=["*.json", "*.jinja", "*.txt", "*.model"]))
+    write_checkpoint(model, quantized, scheme, adapter, source_dir=source_dir, out_dir=staging, provenance=provenance)
+
+
+def print_summary(results, provenance: dict, out_dir: Path, log: RunLog) -> None:
+    rows = []
+    for l in sorted(results):
+        before = sum(r.error_rtn for r in results[l].values())
+        after = sum(r.error for r in results[l].values())
+        rows.append((l, before, after, after / before if before else float("nan")))
+    lines = ["", f"{'layer':>5}  {'err RTN':>12}  {'err ' + provenance['method']:>12}  {'ratio':>6}"]
+    lines += [f"{l:>5}  {b:>12.4g}  {a:>12.4g}  {r:>6.3f}" for l, b, a, r in rows]
+    mem = provenance["memory"]
+    lines += [
+        "",
+        f"{provenance['method']} {provenance['scheme']}: {len(rows)} layers, {provenance['calibration_set']['num_samples']} "
+        f"samples, {provenance['wall_time_s']:.1f}s, peak host RSS {mem['host_peak_rss_mib']:.0f} MiB"
+        + (f", peak device {mem['device_peak_allocated_mib']:.0f} MiB" if "device_peak_allocated_mib" in mem else ""),
+        f"checkpoint: {out_dir}",
+        f"serve it:   python -m tlq_vllm.serve {out_dir}",
+        f"   or:      python -m vllm.entrypoints.openai.api_server --model {out_dir}",
+    ]
+    log.event("done", "\n".join(lines), output=str(out_dir), wall_time_s=provenance["wall_time_s"])

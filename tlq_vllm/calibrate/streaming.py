@@ -1,0 +1,125 @@
+"""Layer streaming: the model never has to fit on the calibration device.
+
+`catch_layer_inputs` runs each sample through everything before the first decoder layer (vision
+tower, projector, embedding merge, M-RoPE position embeddings, attention mask) and records the
+layer-0 hidden states and keyword arguments. Every later stage replays decoder layers one at a
+time from those records: `run_layer` moves one layer to the device, pushes each sample through,
+and brings the outputs back to CPU. This one mechanism serves the importance pass (forward, then
+block-wise backward), the layer-wise calibration and the memory bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once what it needed has been recorded."""
+
+
+@dataclass
+class LayerInputs:
+    """What decoder layer 0 receives for one sample: hidden states [1, T, H] and its kwargs."""
+
+    hidden: torch.Tensor
+    kwargs: dict
+
+
+def to_device(value, device):
+    """Moves tensors (also inside tuples/lists/dicts) to `device`; leaves everything else."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def catch_layer_inputs(model, layers: torch.nn.ModuleList, sample_inputs: dict) -> LayerInputs:
+    """Runs `model` on one sample until decoder layer 0 and returns that layer's inputs (on CPU).
+
+    The model's own forward builds everything the decoder needs, so nothing model-specific
+    (M-RoPE, image merge) is re-implemented here.
+    """
+    caught: dict = {}
+
+    def hook(_module, args, kwargs):
+        caught["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        caught["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "hidden_states")}
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad(), contextlib.suppress(_StopForward):
+            model(**sample_inputs, use_cache=False)
+    finally:
+        handle.remove()
+    if "hidden" not in caught:
+        raise RuntimeError("the model's forward never reached its first decoder layer")
+    kwargs = to_device(caught["kwargs"], "cpu")
+    kwargs["use_cache"] = False
+    return LayerInputs(caught["hidden"].detach().to("cpu"), kwargs)
+
+
+def layer_forward(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder layer on one sample; transformers 5 layers return the hidden states tensor."""
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextlib.contextmanager
+def on_device(module: torch.nn.Module, device: torch.device | str) -> Iterator[torch.nn.Module]:
+    """Moves `module` to `device` for the duration of the block and back to CPU after it."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+
+
+def run_layer(
+    layer: torch.nn.Module,
+    hiddens: list[torch.Tensor],
+    kwargs: list[dict],
+    device: torch.device | str,
+) -> list[torch.Tensor]:
+    """Pushes every sample's hidden states through `layer` on `device`; outputs come back to CPU."""
+    outputs = []
+    with torch.no_grad():
+        for hidden, kw in zip(hiddens, kwargs, strict=True):
+            out = layer_forward(layer, hidden.to(device), to_device(kw, device))
+            outputs.append(out.to("cpu"))
+    return outputs
+
+
+def capture_linear_inputs(
+    layer: torch.nn.Module,
+    linear_names: tuple[str, ...],
+    hidden: torch.Tensor,
+    kwargs: dict,
+) -> torch.Tensor:
+    """Runs `layer` until the first of `linear_names` and returns its input [T, in].
+
+    The linears of one group share their input, so one capture serves the group. The forward
+    stops right there: the rest of the layer is not computed.
+    """
+    caught: dict = {}
+    target = layer.get_submodule(linear_names[0])
+
+    def hook(_module, args):
+        caught["x"] = args[0].detach()
+        raise _StopForward
+
+    handle = target.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad(), contextlib.suppress(_StopForward):
+            layer_forward(layer, hidden, kwargs)
+    finally:
+        handle.remove()
+    x = caught["x"]
+    return x.reshape(-1, x.shape[-1])  # [1, T, in] -> [T, in]
