@@ -4,8 +4,8 @@ from tlq_vllm.calibrate.config import CalibrationConfig
 
 
 def run(config: CalibrationConfig):
-    """Calibrates and exports; returns the checkpoint directory (see tlq_vllm.calibrate.run)."""
-    from tlq_vllm.calibrate.run import run as _run
+    """Calibrates and exports; returns the checkpoint directory (see tlq_vllm.calibrate.pipeline)."""
+    from tlq_vllm.calibrate.pipeline import run as _run
 
     return _run(config)
 

@@ -81,7 +81,7 @@ def config_from_args(argv: list[str]) -> CalibrationConfig:
 
 def main(argv: list[str] | None = None) -> int:
     from tlq_vllm.calibrate.data import DataError
-    from tlq_vllm.calibrate.run import CalibrationError, run
+    from tlq_vllm.calibrate.pipeline import CalibrationError, run
 
     argv = sys.argv[1:] if argv is None else argv
     try:

@@ -96,7 +96,7 @@ def gradient_importance(
             loss = answer_loss(h, final_norm.float(), lm_head.float(), roles[s], input_ids[s])
             loss.backward()
             grads.append(h.grad.detach().to("cpu"))
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     final_norm.to(stored[-1][0].dtype)
     lm_head.to(stored[-1][0].dtype)
 

@@ -99,7 +99,10 @@ def load_model(model_ref: str, config: CalibrationConfig):
     except OSError as err:
         where = "a local directory" if local else "found locally and could not be downloaded (offline?)"
         raise ConfigError(f"model {model_ref!r} is not {where}: {str(err).splitlines()[0]}") from None
-    adapter = adapter_for_model_type(hf_config.model_type)
+    try:
+        adapter = adapter_for_model_type(hf_config.model_type)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if not local or not list(Path(model_ref).glob("*.safetensors")):
         if local and not config.allow_pickle:
             raise ConfigError(
@@ -201,6 +204,9 @@ def staged_output(out_dir: Path, overwrite: bool):
         raise ConfigError(f"cannot write the output directory {out_dir}: {err.strerror}") from None
     try:
         yield staging
+        for path in staging.rglob("*"):  # transformers writes weights 0600; a model dir is shared like any other
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        staging.chmod(0o755)
         if out_dir.exists():
             old = parent / f".{out_dir.name}.tlq-old-{os.getpid()}"
             os.rename(out_dir, old)
