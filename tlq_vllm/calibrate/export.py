@@ -12,7 +12,9 @@ the integers any runtime decodes are exactly the calibrator's:
   are quantized per token at run time, so there are no activation scales. This is the layout
   vLLM's CPU path for W4A8 reads (`CompressedTensorsW4A8Int` -> `Dynamic4bitLinearKernel`); a
   `pack-quantized` W4A8 would be claimed by `CompressedTensorsWNA8Int`, whose CPU kernel is the
-  weight-only `CPUWNA16LinearKernel`, i.e. activations would silently stay in bf16.
+  weight-only `CPUWNA16LinearKernel`, i.e. activations would silently stay in bf16. (Read in
+  vLLM 0.32's source, not run: on CUDA it is the other way round, `int-quantized` W4A8 finds no
+  kernel for signed int4 with bf16 inputs and `pack-quantized` W4A8 gets Marlin's W4A8-int8.)
 
 Scales are stored in the model's dtype (bf16): that is the dtype compressed-tensors initializes
 `weight_scale` in and the dtype vLLM's WNA16 kernels and transformers' decompression compute with,
@@ -69,15 +71,6 @@ class QuantizedLinear:
     scales: torch.Tensor  # float32 [out, in // group] or [out, 1]
 
 
-def compression_format(scheme: Scheme) -> str:
-    """The compressed-tensors format vLLM (CPU and CUDA) has a kernel path for.
-
-    compressed-tensors' own inference picks the same: `pack-quantized` only for weight-only
-    schemes, `int-quantized` whenever activations are quantized (W4A8 included).
-    """
-    return "int-quantized" if scheme.quantizes_activations else "pack-quantized"
-
-
 def quantization_scheme(scheme: Scheme, targets: list[str]):
     """The compressed-tensors `QuantizationScheme` of a TLQ scheme: symmetric int weights, and
     for act_bits=8 dynamic symmetric per-token int8 input activations (no calibrated scales)."""
@@ -94,12 +87,10 @@ def quantization_scheme(scheme: Scheme, targets: list[str]):
     activations = None
     if scheme.act_bits is not None:
         if scheme.act_bits != 8:
-            raise ValueError(f"scheme {scheme.name}: act_bits={scheme.act_bits} not supported; only 8 or None")
-        activations = QuantizationArgs(
-            num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True
-        )
+            raise ValueError(f"scheme {scheme.name}: act_bits={scheme.act_bits} unsupported; use 8 or None")
+        activations = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
     return QuantizationScheme(
-        targets=targets, weights=weights, input_activations=activations, format=compression_format(scheme)
+        targets=targets, weights=weights, input_activations=activations, format=scheme.compressed_tensors_format
     )
 
 
@@ -154,7 +145,7 @@ def write_checkpoint(
 
     out_dir, source_dir = Path(out_dir), Path(source_dir)
     if not out_dir.is_dir() or any(out_dir.iterdir()):
-        raise ValueError(f"out_dir {out_dir} must be an existing empty directory (the caller renames it into place)")
+        raise ValueError(f"out_dir {out_dir} must be an existing empty directory (the caller renames it)")
     if not quantized:
         raise ValueError("nothing to export: `quantized` is empty")
 
@@ -163,7 +154,7 @@ def write_checkpoint(
     config = QuantizationConfig(
         config_groups={"group_0": q_scheme},
         ignore=list(adapter.ignore_patterns),
-        format=compression_format(scheme),
+        format=scheme.compressed_tensors_format,
         quantization_status=QuantizationStatus.COMPRESSED,
     )
     # The regexes must select exactly the quantized linears, as compressed-tensors (and so
@@ -194,7 +185,8 @@ def write_checkpoint(
     _add_tlq_marker(out_dir / "config.json", scheme, provenance)
     rename_saved_keys(out_dir, adapter)
     copy_processor_files(source_dir, out_dir)
-    (out_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n")
+    provenance_text = json.dumps(provenance, indent=2, sort_keys=True, default=str)
+    (out_dir / PROVENANCE_FILE).write_text(provenance_text + "\n")
 
 
 def _unquantized_decoder_linear_pattern(name: str, adapter: ModelAdapter) -> str:
@@ -235,7 +227,9 @@ def _quantized_state(linear: torch.nn.Module, q: QuantizedLinear, scheme: Scheme
     if scheme.group_size is not None and in_features % scheme.group_size:
         raise ValueError(f"in_features={in_features} is not a multiple of group_size={scheme.group_size}")
     if tuple(scales.shape) != (out_features, groups):
-        raise ValueError(f"scales must be [{out_features}, {groups}] for {scheme.name}, got {list(scales.shape)}")
+        raise ValueError(
+            f"scales must be [{out_features}, {groups}] for {scheme.name}, got {list(scales.shape)}"
+        )
     scale = scales.to(weight.dtype)  # [out, groups], as compressed-tensors stores it
     group = in_features // groups
     dense = qweight.float() * scale.float().repeat_interleave(group, dim=1)  # [out, in], exact

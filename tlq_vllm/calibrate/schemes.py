@@ -41,11 +41,12 @@ class Scheme:
 
     @property
     def compressed_tensors_format(self) -> str:
-        """How compressed-tensors stores the weights: packed int32 for sub-8-bit weight-only,
-        plain int8 for 8-bit weights with int8 activations (what vLLM's W8A8 path expects)."""
-        if self.weight_bits == 8 and self.act_bits == 8:
-            return "int-quantized"
-        return "pack-quantized"
+        """How compressed-tensors stores the weights: packed int32 for weight-only schemes, plain
+        int8 tensors when activations are int8 too. W4A8 is int-quantized (int8 tensors holding
+        int4 values) because that is what vLLM 0.32's CPU W4A8 path (Dynamic4bitLinearKernel)
+        loads; as pack-quantized vLLM CPU would treat it as weight-only (bf16 activations).
+        Stock vLLM on CUDA wants pack-quantized W4A8 (Marlin) instead: see docs/method.md."""
+        return "int-quantized" if self.act_bits == 8 else "pack-quantized"
 
 
 SCHEMES: dict[str, Scheme] = {
