@@ -1,0 +1,21 @@
+"""The `tlq` quantization method for vLLM (imports vLLM: the calibrator never imports this package).
+
+Registered from the `vllm.general_plugins` entry point, so every vLLM process (API server, engine
+core, workers) runs `register()`; it is idempotent.
+"""
+
+from __future__ import annotations
+
+PLUGIN_NAME = "tlq"
+
+
+def register() -> None:
+    """Registers the `tlq` quantization config with vLLM once per process."""
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, register_quantization_config
+    from vllm.model_executor.layers.quantization import _CUSTOMIZED_METHOD_TO_QUANT_CONFIG as registered
+
+    from tlq_vllm.vllm_plugin.config import TLQConfig
+
+    if PLUGIN_NAME in QUANTIZATION_METHODS and registered.get(PLUGIN_NAME) is TLQConfig:
+        return
+    register_quantization_config(PLUGIN_NAME)(TLQConfig)
