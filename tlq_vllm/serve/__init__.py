@@ -1,0 +1,1 @@
+"""`python -m tlq_vllm.serve CHECKPOINT`: vLLM's OpenAI-compatible server with VLM presets."""

@@ -1,0 +1,133 @@
+"""Launch vLLM's OpenAI-compatible server on a checkpoint, with a VLM preset.
+
+The launcher checks what it can cheaply (the checkpoint is a model directory, the port is free),
+prints the URL and a copy-paste curl example, then replaces itself with vLLM's API server
+(`os.execve`): signals reach vLLM directly and no wrapper process is left to orphan. Arguments
+it does not know pass through to vLLM unchanged; preset values are defaults that they override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ServeError(ValueError):
+    """A launch that cannot start; the message names the value and what to do."""
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict:
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ServeError(f"unknown preset {name!r}; choose one of {', '.join(available_presets())} or a .yaml path")
+    preset = yaml.safe_load(path.read_text()) or {}
+    return {"env": dict(preset.get("env") or {}), "args": dict(preset.get("args") or {})}
+
+
+def default_preset() -> str:
+    import torch
+
+    return "1x3090" if torch.cuda.is_available() else "cpu"
+
+
+def check_checkpoint(path: str) -> Path:
+    checkpoint = Path(path)
+    if not checkpoint.exists():
+        raise ServeError(f"checkpoint {checkpoint} does not exist")
+    if not checkpoint.is_dir() or not (checkpoint / "config.json").is_file():
+        raise ServeError(f"checkpoint {checkpoint} is not a model directory (no config.json in it)")
+    return checkpoint
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise ServeError(f"cannot listen on {host}:{port} ({err.strerror}); is the port taken? pick --port") from None
+
+
+def passthrough_flags(extra: list[str]) -> set[str]:
+    return {a.split("=", 1)[0].lstrip("-") for a in extra if a.startswith("--")}
+
+
+def vllm_command(checkpoint: Path, host: str, port: int, api_key: str | None, preset: dict,
+                 extra: list[str]) -> list[str]:
+    given = passthrough_flags(extra)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
+           "--host", host, "--port", str(port)]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    for key, value in preset["args"].items():
+        if key not in given:
+            cmd += [f"--{key}", str(value)]
+    return cmd + extra
+
+
+def curl_example(url: str, model: str, api_key: str | None) -> str:
+    """A shell snippet that sends image.png and a question to the server."""
+    import json
+
+    body = {
+        "model": model,
+        "max_tokens": 32,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,IMAGE"}},
+            {"type": "text", "text": "What is in this image?"},
+        ]}],
+    }
+    payload = json.dumps(body).replace("IMAGE", "'\"$(base64 -w0 image.png)\"'")
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    return f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{payload}'"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tlq_vllm.serve",
+        description="Serve a checkpoint with vLLM's OpenAI-compatible server (/v1/chat/completions with "
+        "images, /v1/models, /health, /metrics). Unknown options pass through to vLLM.",
+    )
+    p.add_argument("checkpoint", help="model directory (e.g. the calibrator's output)")
+    p.add_argument("--preset", help=f"serving preset: {', '.join(available_presets())} or a .yaml "
+                   "(default: 1x3090 with CUDA, else cpu)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("TLQ_API_KEY"), help="require this bearer token")
+    p.add_argument("--dry-run", action="store_true", help="print the vLLM command and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = build_parser().parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    try:
+        checkpoint = check_checkpoint(args.checkpoint)
+        preset = load_preset(args.preset or default_preset())
+        if not args.dry_run:
+            check_port_free(args.host, args.port)
+    except ServeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cmd = vllm_command(checkpoint, args.host, args.port, args.api_key, preset, extra)
+    env = {**os.environ, **{k: str(v) for k, v in preset["env"].items() if k not in os.environ}}
+    url = f"http://{args.host}:{args.port}"
+    print(f"tlq serve: {checkpoint} at {url} (preset {args.preset or default_preset()}; ready when GET {url}/health "
+          "answers 200)")
+    print(f"try it:\n{curl_example(url, str(checkpoint), args.api_key)}", flush=True)
+    if args.dry_run:
+        print(" ".join(cmd))
+        return 0
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
