@@ -35,16 +35,17 @@ def tensors(out_dir):
     return load_file(out_dir / "model.safetensors")
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "mbq", "tlq"])
-def test_every_method_writes_a_checkpoint_transformers_loads(tmp_path, method):
-    out = calibrate(tmp_path, method=method)
+@pytest.mark.parametrize("method, scheme", [("rtn", "W4A16"), ("gptq", "W4A16"), ("mbq", "W4A16"),
+                                            ("tlq", "W4A16"), ("smoothquant", "W8A8"), ("tlq", "W4A8")])
+def test_every_method_writes_a_checkpoint_transformers_loads(tmp_path, method, scheme):
+    out = calibrate(tmp_path, method=method, scheme=scheme)
     provenance = json.loads((out / "tlq_provenance.json").read_text())
-    assert provenance["method"] == method and provenance["scheme"] == "W4A16"
+    assert provenance["method"] == method and provenance["scheme"] == scheme
     assert len(provenance["layers"]) == 4
     model = load_dequantized(out)
     q_proj = model.model.language_model.layers[0].self_attn.q_proj
     assert torch.isfinite(q_proj.weight).all()
-    if method != "rtn":
+    if method not in ("rtn", "smoothquant"):
         errors = [v for layer in provenance["layers"] for v in layer.values()]
         # GPTQ-family solutions beat round-to-nearest under their own weighted error
         assert sum(e["weighted_error"] for e in errors) < sum(e["weighted_error_rtn"] for e in errors)

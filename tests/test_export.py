@@ -358,7 +358,7 @@ def test_vllm_loads_and_generates(exported, sample_image, fixture_name, scheme_n
             "content": [{"type": "image_pil", "image_pil": sample_image}, {"type": "text", "text": QUESTION}],
         }
     ]
-    with vllm_engine(export.dir) as llm:
+    with vllm_engine(export.dir, quantization="compressed-tensors") as llm:  # stock vLLM, not the tlq plugin
         (kernels,) = llm.apply_model(_linear_kernels)
         print(f"vLLM {fixture_name} {scheme_name}: {kernels}")
         assert {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} <= set(kernels)

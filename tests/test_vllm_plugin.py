@@ -30,6 +30,7 @@ def test_detection_of_tlq_checkpoints():
     plain = {"quant_method": "compressed-tensors"}
     assert TLQConfig.override_quantization_method(tlq, None) == "tlq"
     assert TLQConfig.override_quantization_method(tlq, "tlq") == "tlq"
+    assert TLQConfig.override_quantization_method(tlq, "compressed-tensors") is None  # stock vLLM on request
     assert TLQConfig.override_quantization_method(plain, None) is None
     with pytest.raises(ValueError, match="needs a TLQ checkpoint"):
         TLQConfig.override_quantization_method(plain, "tlq")

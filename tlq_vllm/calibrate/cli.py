@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"minimum share of each sample's vision and text tokens kept (default {d.modality_floor})")
     tlq.add_argument("--exposure", action=argparse.BooleanOptionalAction,
                      help="statistics from the quantized path (default on; --no-exposure: FP path)")
+    tlq.add_argument("--smoothquant-alpha", type=float,
+                     help="SmoothQuant migration strength for A8 schemes (method smoothquant: 0.5)")
     solver = p.add_argument_group("solver")
     solver.add_argument("--block-size", type=int, help=f"GPTQ lazy-batch block (default {d.block_size})")
     solver.add_argument("--damp", type=float, help=f"relative Hessian damping (default {d.damp})")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-METHODS = ("rtn", "gptq", "mbq", "tlq")
+METHODS = ("rtn", "gptq", "mbq", "tlq", "smoothquant")
 GRANULARITIES = ("linear", "layer")
 DEFAULT_MODEL = "fixture:qwen2-vl"
 
@@ -39,6 +39,9 @@ class CalibrationConfig:
     rho: float = 0.5
     modality_floor: float = 0.1
     exposure: bool = True
+    # SmoothQuant migration strength for A8 schemes: method "smoothquant" = SmoothQuant + RTN
+    # (alpha 0.5 unless given); with another method, smoothing first, then that method.
+    smoothquant_alpha: float | None = None
     # solver
     block_size: int = 128
     damp: float = 0.01
@@ -80,6 +83,16 @@ class CalibrationConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.method == "smoothquant" and self.smoothquant_alpha is None:
+            self.smoothquant_alpha = 0.5
+        if self.smoothquant_alpha is not None:
+            if not get_scheme(self.scheme).quantizes_activations:
+                raise ConfigError(
+                    f"SmoothQuant moves activation outliers into weights; it needs an A8 scheme (W8A8, W4A8), "
+                    f"not {self.scheme}"
+                )
+            if not 0 <= self.smoothquant_alpha <= 1:
+                raise ConfigError(f"--smoothquant-alpha must be in [0, 1], got {self.smoothquant_alpha}")
         if self.quantize_vision:
             raise ConfigError("--quantize-vision is not implemented yet; the vision tower stays in its dtype")
         return self

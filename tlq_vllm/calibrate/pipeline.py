@@ -239,7 +239,7 @@ def run(config: CalibrationConfig) -> Path:
         log.event("start", f"tlq: {config.method} {scheme.name} on {model_ref} ({len(layers)} decoder layers, "
                   f"device {device})", method=config.method, scheme=scheme.name, model=model_ref)
         options = SolverOptions(
-            solver="rtn" if config.method == "rtn" else "gptq", block_size=config.block_size,
+            solver="rtn" if config.method in ("rtn", "smoothquant") else "gptq", block_size=config.block_size,
             damp=config.damp, act_order=config.act_order, clip_search=config.clip_search,
         )
         partial = PartialRun(config)
@@ -250,7 +250,7 @@ def run(config: CalibrationConfig) -> Path:
         records, samples, provenance_extra = [], [], {}
         results: dict[int, dict[str, LinearResult]] = {}
         try:
-            if config.method == "rtn":
+            if config.method == "rtn" and config.smoothquant_alpha is None:  # no data needed
                 for l, layer in enumerate(tqdm(layers, desc="rtn", disable=not config.progress)):
                     results[l] = rtn_layer(layer, names, scheme, options)
             else:
@@ -378,6 +378,8 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
         with on_device(layer, device):
             t0 = time.time()
             next_fp = run_layer(layer, fp_hiddens, kwargs, device) if fp_hiddens is not None else None
+            if config.smoothquant_alpha is not None:
+                smooth_layer(layer, adapter, hiddens, kwargs, config.smoothquant_alpha, device)
             if l in finished:
                 results[l] = finished[l]
                 apply_results(layer, results[l], scheme)
@@ -415,6 +417,23 @@ def _pre_decoder_on(model, adapter, device):
     finally:
         for t in tensors:
             t.data = t.data.to("cpu")
+
+
+def smooth_layer(layer, adapter, hiddens, kwargs, alpha: float, device) -> None:
+    """SmoothQuant on this layer's norm -> linear pairs, from the layer's (quantized-path) inputs."""
+    from tlq_vllm.calibrate.smoothquant import fold_smoothing, smoothing_scales
+    from tlq_vllm.calibrate.streaming import capture_linear_inputs, to_device
+
+    for norm_name, group_index in adapter.smooth_pairs:
+        group = adapter.decoder_groups[group_index]
+        linears = [layer.get_submodule(n) for n in group]
+        absmax = None
+        for hidden, kw in zip(hiddens, kwargs, strict=True):
+            x = capture_linear_inputs(layer, group, hidden.to(device), to_device(kw, device))  # [T, in]
+            m = x.float().abs().amax(dim=0)
+            absmax = m if absmax is None else torch.maximum(absmax, m)
+        s = smoothing_scales(absmax, [lin.weight for lin in linears], alpha)
+        fold_smoothing(layer.get_submodule(norm_name), linears, s)
 
 
 def apply_results(layer, results: dict[str, LinearResult], scheme: Scheme) -> None:

@@ -38,6 +38,8 @@ class ModelAdapter:
     lm_head: str = "lm_head"
     final_norm: str = "model.language_model.norm"
     decoder_groups: tuple[tuple[str, ...], ...] = QWEN2_DECODER_GROUPS
+    # (norm, index of the group in decoder_groups that reads its output): where SmoothQuant folds
+    smooth_pairs: tuple[tuple[str, int], ...] = (("input_layernorm", 0), ("post_attention_layernorm", 2))
     vision_blocks: str = ""
     vision_groups: tuple[tuple[str, ...], ...] = ()
     # compressed-tensors `ignore` entries: regexes, not module names, because module names

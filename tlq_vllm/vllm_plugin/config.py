@@ -40,7 +40,7 @@ class TLQConfig(CompressedTensorsConfig):
                                      hf_config: Any = None) -> str | None:
         is_tlq = isinstance(hf_quant_cfg, dict) and TLQ_MARKER in hf_quant_cfg \
             and hf_quant_cfg.get("quant_method") == "compressed-tensors"
-        if is_tlq and user_quant in (None, "tlq", "compressed-tensors"):
+        if is_tlq and user_quant in (None, "tlq"):  # `--quantization compressed-tensors` keeps stock vLLM
             return "tlq"
         if user_quant == "tlq" and not is_tlq:
             raise ValueError(

@@ -1,0 +1,28 @@
+"""SmoothQuant (Xiao et al. 2023, arXiv 2211.10438) for A8 schemes: move activation outliers into
+the weights before quantization.
+
+For a linear group that reads the output of a norm (q/k/v after the input norm, gate/up after
+the post-attention norm): s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) per input channel j, then
+X' = X / s (folded into the norm's weight) and W' = W * s (columns), so X' W'^T = X W^T exactly in
+real arithmetic while the per-token int8 grid of X' wastes less range on outlier channels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """s [in] from the per-channel activation absmax [in] and the group's weights [out_i, in]."""
+    weight_absmax = torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)  # [in]
+    s = act_absmax.float().clamp_min(1e-5).pow(alpha) / weight_absmax.clamp_min(1e-5).pow(1 - alpha)
+    return s.clamp_min(1e-5)  # [in]
+
+
+def fold_smoothing(norm: torch.nn.Module, linears: list[torch.nn.Module], s: torch.Tensor) -> None:
+    """Divides the norm's output by s (its weight; and bias, if any) and scales the linears' columns."""
+    norm.weight.data = (norm.weight.data.float() / s).to(norm.weight.dtype)
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.data = (norm.bias.data.float() / s).to(norm.bias.dtype)
+    for linear in linears:
+        linear.weight.data = (linear.weight.data.float() * s).to(linear.weight.dtype)  # [out, in] * [in]
