@@ -36,9 +36,13 @@ def tensors(out_dir):
 
 
 @pytest.mark.parametrize("method, scheme", [("rtn", "W4A16"), ("gptq", "W4A16"), ("mbq", "W4A16"),
-                                            ("tlq", "W4A16"), ("smoothquant", "W8A8"), ("tlq", "W4A8")])
+                                            ("tlq", "W4A16"), ("smoothquant", "W8A8"), ("tlq", "W4A8"),
+                                            ("tlq-asymmetric", "W4A16"), ("tlq-no-exposure", "W4A16")])
 def test_every_method_writes_a_checkpoint_transformers_loads(tmp_path, method, scheme):
-    out = calibrate(tmp_path, method=method, scheme=scheme)
+    variant = {"tlq-asymmetric": {"asymmetric_target": True}, "tlq-no-exposure": {"exposure": False}}
+    extra = variant.get(method, {})
+    method = method.split("-")[0]
+    out = calibrate(tmp_path, method=method, scheme=scheme, **extra)
     provenance = json.loads((out / "tlq_provenance.json").read_text())
     assert provenance["method"] == method and provenance["scheme"] == scheme
     assert len(provenance["layers"]) == 4

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"minimum share of each sample's vision and text tokens kept (default {d.modality_floor})")
     tlq.add_argument("--exposure", action=argparse.BooleanOptionalAction,
                      help="statistics from the quantized path (default on; --no-exposure: FP path)")
+    tlq.add_argument("--asymmetric-target", action=argparse.BooleanOptionalAction,
+                     help="target the FP path's outputs from the quantized path's inputs (default off)")
     tlq.add_argument("--smoothquant-alpha", type=float,
                      help="SmoothQuant migration strength for A8 schemes (method smoothquant: 0.5)")
     solver = p.add_argument_group("solver")

@@ -39,6 +39,7 @@ class CalibrationConfig:
     rho: float = 0.5
     modality_floor: float = 0.1
     exposure: bool = True
+    asymmetric_target: bool = False  # minimise ||W_hat x~ - W x||^2 (quantized-path input, FP-path target)
     # SmoothQuant migration strength for A8 schemes: method "smoothquant" = SmoothQuant + RTN
     # (alpha 0.5 unless given); with another method, smoothing first, then that method.
     smoothquant_alpha: float | None = None

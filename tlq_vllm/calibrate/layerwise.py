@@ -97,6 +97,9 @@ def quantize_linear(weight: torch.Tensor, hessian: torch.Tensor | None, scheme: 
     return LinearResult(result.qweight, result.scales.float(), rtn_error, error, result.fallback_rtn)
 
 
+MODES = ("exposed", "fp", "asymmetric")
+
+
 def calibrate_layer(
     layer: torch.nn.Module,
     groups: tuple[tuple[str, ...], ...],
@@ -108,41 +111,66 @@ def calibrate_layer(
     *,
     device,
     fp_hiddens: list[torch.Tensor] | None = None,
+    mode: str = "exposed",
 ) -> dict[str, LinearResult]:
     """Calibrates every linear of `layer` (already on `device`) group by group, in place.
 
-    hiddens: the layer's inputs on the quantized path (per sample, CPU). fp_hiddens: when given
-    (exposure off), statistics come from these FP-path inputs with the layer's FP weights.
-    token_sets(name) gives the kept tokens and their weights for a linear.
+    hiddens: the layer's inputs on the quantized path (per sample, CPU); fp_hiddens: on the FP
+    path (needed by the modes "fp" and "asymmetric"). token_sets(name): kept tokens and weights.
+    mode "exposed": H from the quantized-path inputs x~ (TLQ's default).
+    mode "fp" (ablation): H from FP-path inputs x with the layer's FP weights.
+    mode "asymmetric": minimise sum_t w_t ||W_hat x~_t - W x_t||^2, i.e. GPTQ on
+      H = 2 sum w x~ x~^T with the target W' = W B H^-1, B = 2 sum w x x~^T (the square completed).
     After the call every linear's weight holds its dequantized value; results hold the integers.
     """
+    if mode not in MODES:
+        raise ValueError(f"unknown calibration mode {mode!r}; choose one of {MODES}")
     dtype = next(layer.parameters()).dtype
     results: dict[str, LinearResult] = {}
     quantized: list[torch.nn.Module] = []
     originals = {n: layer.get_submodule(n).weight.detach().clone() for g in groups for n in g}
     for group in groups:
         linears = [layer.get_submodule(n) for n in group]
-        accumulators = {n: HessianAccumulator.zeros(linears[0].in_features, device=device) for n in group}
-        exposed = fp_hiddens is None
-        source = hiddens if exposed else fp_hiddens
-        context = activation_fake_quant(quantized, scheme) if exposed else _fp_weights(layer, originals, quantized)
-        with context:
-            for s, (hidden, kw) in enumerate(zip(source, kwargs, strict=True)):
-                x = capture_linear_inputs(layer, group, hidden.to(device), to_device(kw, device))  # [T, in]
-                if exposed and scheme.quantizes_activations:
+        in_features = linears[0].in_features
+        hessians = {n: HessianAccumulator.zeros(in_features, device=device) for n in group}
+        cross = {n: torch.zeros(in_features, in_features, device=device) for n in group}
+        for s, kw in enumerate(kwargs):
+            kw = to_device(kw, device)
+            if mode == "fp":
+                with _fp_weights(layer, originals, quantized):
+                    x = capture_linear_inputs(layer, group, fp_hiddens[s].to(device), kw).float()  # [T, in]
+            else:
+                with activation_fake_quant(quantized, scheme):
+                    x = capture_linear_inputs(layer, group, hiddens[s].to(device), kw).float()  # [T, in]
+                if scheme.quantizes_activations:  # what the int8 kernel multiplies
                     x = fake_quantize_activations_per_token(x, scheme.act_bits, kernel="cpu", dtype=torch.float32)
-                for name in group:
-                    tokens = token_sets(name)
-                    idx = tokens.indices[s].to(device)
-                    accumulators[name].add(x[idx].float(), tokens.weights[s].to(device))
+            if mode == "asymmetric":
+                with _fp_weights(layer, originals, quantized):
+                    x_fp = capture_linear_inputs(layer, group, fp_hiddens[s].to(device), kw).float()  # [T, in]
+            for name in group:
+                tokens = token_sets(name)
+                idx, w = tokens.indices[s].to(device), tokens.weights[s].to(device)
+                hessians[name].add(x[idx], w)
+                if mode == "asymmetric":
+                    cross[name] += 2 * (x_fp[idx] * w[:, None]).T @ x[idx]  # [in, in]: sum w x x~^T
         for name, linear in zip(group, linears, strict=True):
-            result = quantize_linear(linear.weight, accumulators[name].hessian, scheme, options, dtype)
+            hessian = hessians[name].hessian
+            weight = linear.weight
+            if mode == "asymmetric":
+                weight = asymmetric_target(originals[name].float(), hessian, cross[name], options.damp)
+            result = quantize_linear(weight, hessian, scheme, options, dtype)
             linear.weight.data = dequantize(result.qweight.to(device), result.scales.to(device), scheme, dtype)
             results[name] = LinearResult(
                 result.qweight.cpu(), result.scales.cpu(), result.error_rtn, result.error, result.fallback_rtn
             )
             quantized.append(linear)
     return results
+
+
+def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """W' = W B H^-1 (H damped like the solver's), so that ||W_hat x~ - W x||^2 = ||(W_hat - W') x~||^2 + c."""
+    h = hessian + damp * torch.diagonal(hessian).mean().clamp_min(1e-8) * torch.eye(len(hessian), device=hessian.device)
+    return torch.linalg.solve(h, (weight @ cross).T).T  # [out, in]; H symmetric
 
 
 @contextlib.contextmanager

@@ -370,7 +370,8 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
                       ratios=ratios)
 
     hiddens = [c.hidden for c in caught]
-    fp_hiddens = [c.hidden for c in caught] if not config.exposure else None
+    fp_hiddens = [c.hidden for c in caught] if not config.exposure or config.asymmetric_target else None
+    mode = "fp" if not config.exposure else ("asymmetric" if config.asymmetric_target else "exposed")
     results: dict[int, dict[str, LinearResult]] = {}
     bar = tqdm(range(len(layers)), desc="calibrate layers", disable=not config.progress)
     for l in bar:
@@ -386,7 +387,7 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
             else:
                 results[l] = calibrate_layer(
                     layer, adapter.decoder_groups, hiddens, kwargs, token_sets_for_layer(l), scheme, options,
-                    device=device, fp_hiddens=fp_hiddens,
+                    device=device, fp_hiddens=fp_hiddens, mode=mode,
                 )
                 partial.save_layer(l, results[l])
                 before = sum(r.error_rtn for r in results[l].values())

@@ -174,10 +174,12 @@ if HAS_TRITON:
         """One program: a [BLOCK_M, BLOCK_N] tile of Y over K tiles pid_k, pid_k + SPLIT_K, ...
 
         Per K tile t (columns k = t BLOCK_K + [0, BLOCK_K)):
-            Q[k, n] = ((P[n, k // 10] >> 3 (k % 10)) & 7) - 4      [BLOCK_K, BLOCK_N], exact in fp16/bf16
-            acc    += (X[:, k] @ Q) * S[n, t BLOCK_K // GROUP_SIZE]   fp32; the scale is applied after the dot
-        The word loads are gathers (k // 10 repeats ten times; the repeats hit L1), which keeps
-        BLOCK_K a power of two even though 10 values per word do not align with it.
+            Q[n, k] = ((P[n, k // 10] >> 3 (k % 10)) & 7) - 4        [BLOCK_N, BLOCK_K], exact in fp16/bf16
+            acc    += (X[:, k] @ Q^T) * S[n, t BLOCK_K // GROUP_SIZE]   fp32; the scale is applied after the dot
+        The word loads are gathers: each word is addressed by the ten k it holds, which keeps BLOCK_K
+        a power of two although 10 values per word do not align with it. The tile is [BLOCK_N, BLOCK_K]
+        with k the fastest axis, so neighbouring lanes read the same or the next word of one row
+        (broadcast / coalesced), and is transposed for the dot.
         """
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -189,19 +191,19 @@ if HAS_TRITON:
         rk = tl.arange(0, BLOCK_K)  # [BK]
 
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
-        p_cols = packed_ptr + offs_n.to(tl.int64)[None, :] * stride_pn  # [1, BN]
+        p_rows = packed_ptr + offs_n.to(tl.int64)[:, None] * stride_pn  # [BN, 1]
         s_cols = scales_ptr + offs_n.to(tl.int64) * stride_sn  # [BN]
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for t in range(pid_k, K // BLOCK_K, SPLIT_K):
             offs_k = t * BLOCK_K + rk  # [BK], always < K (K % BLOCK_K == 0)
             x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)  # [BM, BK]
-            word = tl.load(p_cols + (offs_k // 10)[:, None] * stride_pw, mask=mask_n[None, :], other=0)  # [BK, BN]
-            q = ((word >> (3 * (offs_k % 10))[:, None]) & 7) - 4  # [BK, BN] int32 in [-4, 3]
+            word = tl.load(p_rows + (offs_k // 10)[None, :] * stride_pw, mask=mask_n[:, None], other=0)  # [BN, BK]
+            q = ((word >> (3 * (offs_k % 10))[None, :]) & 7) - 4  # [BN, BK] int32 in [-4, 3]
             s = tl.load(s_cols + ((t * BLOCK_K) // GROUP_SIZE) * stride_sg, mask=mask_n, other=0.0)  # [BN]
             # int32 -> fp32 -> fp16/bf16: the Triton interpreter (3.7) turns a direct int32 -> bf16 cast
             # into a bit reinterpretation; via fp32 is exact everywhere and costs one extra cvt on GPU.
-            w = q.to(tl.float32).to(x.dtype)  # [BK, BN]
+            w = tl.trans(q.to(tl.float32).to(x.dtype))  # [BK, BN]
             if DOT_IN_FP32:  # interpreter + bf16 only: its tl.dot multiplies bf16 bit patterns
                 part = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")  # exact upcasts
             else:
@@ -314,6 +316,8 @@ def w3a16_matmul(
             f"or set TRITON_INTERPRET=1 before importing triton to run the kernel in the interpreter"
         )
     n = packed.shape[0]
+    if m == 0:  # an empty batch: nothing to launch (a grid with a zero dimension is an error)
+        return x.new_empty((0, n))
     config = config or default_config(m, n, k, group_size, x.device)
     _check_config(config, group_size)
 
