@@ -475,7 +475,6 @@ def print_summary(results, provenance: dict, out_dir: Path, log: RunLog) -> None
         f"samples, {provenance['wall_time_s']:.1f}s, peak host RSS {mem['host_peak_rss_mib']:.0f} MiB"
         + (f", peak device {mem['device_peak_allocated_mib']:.0f} MiB" if "device_peak_allocated_mib" in mem else ""),
         f"checkpoint: {out_dir}",
-        f"serve it:   python -m vllm.entrypoints.openai.api_server --model {out_dir}"
-        + ("" if provenance["scheme"] != "W3A16" else "   (W3A16 needs the tlq vLLM plugin)"),
+        f"serve it:   python -m tlq_vllm.serve {out_dir}",
     ]
     log.event("done", "\n".join(lines), output=str(out_dir), wall_time_s=provenance["wall_time_s"])
