@@ -239,3 +239,32 @@ def test_recipe_values_and_flag_overrides(tmp_path):
     recipe.write_text("no_such_option: 1\n")
     with pytest.raises(ValueError, match="unknown option"):
         config_from_args(["--recipe", str(recipe)])
+
+
+def test_quantize_vision_is_refused_where_loaders_cannot_read_it(tmp_path, capsys):
+    code, line = error_line(capsys, ["--model", "fixture:llava-onevision", "--quantize-vision", "--no-progress",
+                                     "--output", str(tmp_path / "out")])
+    assert code == 2 and "not supported for llava-onevision" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fixture", ["qwen2-vl", "qwen2.5-vl"])
+def test_quantize_vision_quantizes_the_blocks_and_keeps_the_projector(tmp_path, fixture):
+    from tlq_vllm.models import adapter_for_model_type
+
+    out = calibrate(tmp_path, model=f"fixture:{fixture}", quantize_vision=True)
+    provenance = json.loads((out / "tlq_provenance.json").read_text())
+    assert len(provenance["vision_layers"]) == 2
+    errors = [e for block in provenance["vision_layers"] for e in block.values()]
+    assert sum(e["weighted_error"] for e in errors) < sum(e["weighted_error_rtn"] for e in errors)
+    original = AutoModelForImageTextToText.from_pretrained(build_fixture(fixture))
+    quantized = load_dequantized(out)
+    adapter = adapter_for_model_type(original.config.model_type)
+    first = adapter.vision_groups[0][0]
+    block_fp = adapter.vision_layers(original)[0].get_submodule(first).weight
+    block_q = adapter.vision_layers(quantized)[0].get_submodule(first).weight
+    assert not torch.equal(block_fp, block_q)
+    groups = block_q.float().reshape(block_q.shape[0], -1, 128)  # [out, in/128, 128]: one scale each
+    assert max(len(torch.unique(g)) for g in groups.reshape(-1, 128)) <= 16  # on the 4-bit grid
+    for name, param in original.get_submodule(adapter.projector).named_parameters():
+        assert torch.equal(param, quantized.get_submodule(adapter.projector).get_parameter(name)), name

@@ -94,8 +94,6 @@ class CalibrationConfig:
                 )
             if not 0 <= self.smoothquant_alpha <= 1:
                 raise ConfigError(f"--smoothquant-alpha must be in [0, 1], got {self.smoothquant_alpha}")
-        if self.quantize_vision:
-            raise ConfigError("--quantize-vision is not implemented yet; the vision tower stays in its dtype")
         return self
 
     def output_dir(self) -> Path:

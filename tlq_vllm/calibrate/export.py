@@ -94,26 +94,27 @@ def quantization_scheme(scheme: Scheme, targets: list[str]):
     )
 
 
-def decoder_linear_targets(module_names: Iterable[str], adapter: ModelAdapter) -> list[str]:
-    """One `re:` target per decoder-linear kind, any layer index: `re:.*layers\\.\\d+\\.mlp\\.up_proj$`.
+def linear_targets(module_names: Iterable[str], adapter: ModelAdapter) -> list[str]:
+    """One `re:` target per linear kind, any layer index: `re:.*layers\\.\\d+\\.mlp\\.up_proj$`.
 
-    Only the part after the decoder layer index is kept, because what comes before it differs
-    between transformers (`model.language_model.layers.0...`) and vLLM
-    (`language_model.model.layers.0...`).
+    Only the part from the layer list's own name on is kept (`layers`, or the vision tower's
+    `blocks`), because what comes before it differs between transformers
+    (`model.language_model.layers.0...`) and vLLM (`language_model.model.layers.0...`).
     """
-    prefix = adapter.decoder_layers + "."
-    layers_leaf = re.escape(adapter.decoder_layers.rsplit(".", 1)[-1])
+    stacks = [adapter.decoder_layers] + ([adapter.vision_blocks] if adapter.vision_blocks else [])
     kinds = set()
     for name in module_names:
-        index, _, local = name.removeprefix(prefix).partition(".")
-        if not name.startswith(prefix) or not index.isdigit() or not local:
+        for stack in stacks:
+            index, _, local = name.removeprefix(stack + ".").partition(".")
+            if name.startswith(stack + ".") and index.isdigit() and local:
+                kinds.add((stack.rsplit(".", 1)[-1], local))
+                break
+        else:
             raise ValueError(
-                f"{name!r} is not a linear inside a decoder layer ({adapter.decoder_layers}.<i>.<name>); "
-                f"only decoder linears are exported quantized (the vision tower, projector and lm_head "
-                f"stay in bf16, see ModelAdapter.ignore_patterns)"
+                f"{name!r} is not a linear inside a decoder layer ({adapter.decoder_layers}.<i>.<name>) or a vision "
+                f"block ({adapter.vision_blocks}.<i>.<name>); projector, embeddings and lm_head stay in bf16"
             )
-        kinds.add(local)
-    return [rf"re:.*{layers_leaf}\.\d+\.{re.escape(local)}$" for local in sorted(kinds)]
+    return [rf"re:.*{re.escape(leaf)}\.\d+\.{re.escape(local)}$" for leaf, local in sorted(kinds)]
 
 
 def write_checkpoint(
@@ -125,8 +126,12 @@ def write_checkpoint(
     source_dir: Path,
     out_dir: Path,
     provenance: dict,
+    quantize_vision: bool = False,
 ) -> None:
     """Writes `model` with the linears of `quantized` compressed into the empty directory `out_dir`.
+
+    quantize_vision: the vision blocks are among `quantized` (the ignore list then leaves only the
+    projector and lm_head out).
 
     `model` is the transformers model (bf16, CPU) whose other tensors are saved as they are; it
     is not modified: the compressed tensors replace entries of a copy of its state dict (only
@@ -149,11 +154,11 @@ def write_checkpoint(
     if not quantized:
         raise ValueError("nothing to export: `quantized` is empty")
 
-    targets = decoder_linear_targets(quantized, adapter)
+    targets = linear_targets(quantized, adapter)
     q_scheme = quantization_scheme(scheme, targets)
     config = QuantizationConfig(
         config_groups={"group_0": q_scheme},
-        ignore=list(adapter.ignore_patterns),
+        ignore=list(adapter.vision_quantized_ignore_patterns if quantize_vision else adapter.ignore_patterns),
         format=scheme.compressed_tensors_format,
         quantization_status=QuantizationStatus.COMPRESSED,
     )

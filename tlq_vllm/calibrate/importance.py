@@ -75,8 +75,9 @@ def gradient_importance(
     device,
     granularity: str = "linear",
     progress: bool = True,
-) -> tuple[Importance, list[float]]:
-    """Returns a[l][linear][s] = per-token squared output-gradient norms, and each sample's loss.
+) -> tuple[Importance, list[float], list[torch.Tensor]]:
+    """Returns a[l][linear][s] = per-token squared output-gradient norms, each sample's loss, and
+    each sample's dL/dh_0 (the gradient at the decoder's input, which the vision pass continues).
 
     The backward runs in float32 on a float32 copy of one layer at a time (bf16 gradients are
     too coarse for a ranking of tokens). Parameters get no gradients.
@@ -128,7 +129,52 @@ def gradient_importance(
             for handle in handles:
                 handle.remove()
             layer.to("cpu", dtype)
-    return importance, losses
+    return importance, losses, grads
+
+
+def vision_gradient_importance(
+    model,
+    blocks: torch.nn.ModuleList,
+    decoder_layers: torch.nn.ModuleList,
+    linear_names: list[str],
+    samples_inputs: list[dict],
+    decoder_input_grads: list[torch.Tensor],
+    *,
+    device,
+    progress: bool = True,
+) -> Importance:
+    """a[b][linear][s] for the vision blocks: the block-wise backward continued into the vision tower.
+
+    Per sample, the model runs up to decoder layer 0 with the graph kept (the pixels require
+    grad; no parameter does), and dL/dh_0 from the decoder pass is pushed back through the
+    embedding merge, projector and vision blocks; hooks read each vision linear's output
+    gradient. The vision tower is small next to the decoder and is held whole on the device for
+    this pass (it is not streamed block by block).
+    """
+    from tlq_vllm.calibrate.streaming import catch_layer_inputs_with_graph
+
+    importance: Importance = [{name: [] for name in linear_names} for _ in blocks]
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+    for b, block in enumerate(blocks):
+        for name in linear_names:
+            def keep_output_grad(_module, _args, output, key=(b, name)):
+                output.register_hook(lambda g: captured.__setitem__(key, g.detach()))
+
+            handles.append(block.get_submodule(name).register_forward_hook(keep_output_grad))
+    try:
+        for s, inputs in enumerate(tqdm(samples_inputs, desc="importance: vision", disable=not progress, leave=False)):
+            hidden = catch_layer_inputs_with_graph(model, decoder_layers, to_device(inputs, device))
+            hidden.backward(decoder_input_grads[s].to(device, hidden.dtype))
+            for b in range(len(blocks)):
+                for name in linear_names:
+                    g = captured[(b, name)]
+                    importance[b][name].append(g.reshape(-1, g.shape[-1]).float().pow(2).sum(-1).to("cpu"))
+            captured.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return importance
 
 
 def integrate(importance: Importance, *, beta: float = 0.5, clip_percentile: float = 99.5) -> Importance:

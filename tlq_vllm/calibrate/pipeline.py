@@ -41,7 +41,7 @@ from tlq_vllm.calibrate.layerwise import (
 )
 from tlq_vllm.calibrate.quantizer import dequantize
 from tlq_vllm.calibrate.schemes import Scheme, get_scheme
-from tlq_vllm.calibrate.streaming import catch_layer_inputs, on_device, run_layer
+from tlq_vllm.calibrate.streaming import catch_layer_inputs, on_device, pre_decoder_on_device, run_layer
 from tlq_vllm.models import ModelAdapter, adapter_for_model_type
 
 
@@ -234,6 +234,9 @@ def run(config: CalibrationConfig) -> Path:
     with staged_output(out_dir, config.overwrite) as staging:
         model, processor, adapter = load_model(model_ref, config)
         check_shapes(model, adapter, scheme)
+        if config.quantize_vision and adapter.vision_quantization_unsupported:
+            raise ConfigError(f"--quantize-vision is not supported for {adapter.family}: "
+                              f"{adapter.vision_quantization_unsupported}")
         layers = adapter.layers(model)
         names = target_linears(adapter)
         log.event("start", f"tlq: {config.method} {scheme.name} on {model_ref} ({len(layers)} decoder layers, "
@@ -249,13 +252,18 @@ def run(config: CalibrationConfig) -> Path:
 
         records, samples, provenance_extra = [], [], {}
         results: dict[int, dict[str, LinearResult]] = {}
+        vision_results: dict[int, dict[str, LinearResult]] = {}
         try:
             if config.method == "rtn" and config.smoothquant_alpha is None:  # no data needed
                 for l, layer in enumerate(tqdm(layers, desc="rtn", disable=not config.progress)):
                     results[l] = rtn_layer(layer, names, scheme, options)
+                if config.quantize_vision:
+                    from tlq_vllm.calibrate.vision import calibrate_vision
+
+                    vision_results = calibrate_vision(model, adapter, [], scheme, options, config, device, log, None)
             else:
                 records, samples = prepare_samples(model, processor, config, log)
-                results, provenance_extra = calibrate_model(
+                results, vision_results, provenance_extra = calibrate_model(
                     model, adapter, samples, scheme, options, config, device, log, partial, finished
                 )
         except torch.OutOfMemoryError as err:
@@ -288,7 +296,7 @@ def run(config: CalibrationConfig) -> Path:
             "memory": memory,
             "wall_time_s": round(time.time() - started, 2),
         }
-        export(model, adapter, scheme, results, model_ref, staging, provenance)
+        export(model, adapter, scheme, results, vision_results, model_ref, staging, provenance)
     partial.remove()
     print_summary(results, provenance, out_dir, log)
     return out_dir
@@ -333,7 +341,7 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
     layers = adapter.layers(model)
     names = target_linears(adapter)
     caught = []
-    with _pre_decoder_on(model, adapter, device):
+    with pre_decoder_on_device(model, adapter.decoder_layers, device):
         for sample in tqdm(samples, desc="catch layer-0 inputs", disable=not config.progress, leave=False):
             caught.append(catch_layer_inputs(model, layers, {k: v.to(device) for k, v in sample.inputs.items()}))
     roles = [s.roles for s in samples]
@@ -344,7 +352,7 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
     uniform = all_tokens(roles)
     if config.method in ("tlq", "mbq"):
         t0 = time.time()
-        raw, losses = gradient_importance(
+        raw, losses, decoder_input_grads = gradient_importance(
             layers, model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head), names, caught,
             roles, [s.inputs["input_ids"][0] for s in samples], device=device,
             granularity=config.importance_granularity, progress=config.progress,
@@ -369,8 +377,27 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
             log.event("importance", f"mbq: vision/answer weights per layer {[round(r, 3) for r in ratios]}",
                       ratios=ratios)
 
+    vision_results = {}
+    if config.quantize_vision:
+        from tlq_vllm.calibrate.vision import calibrate_vision, vision_linear_names
+
+        grads = decoder_input_grads if config.method == "tlq" else None
+        vision_results = calibrate_vision(model, adapter, samples, scheme, options, config, device, log, grads)
+        extra["vision_layers"] = [
+            {name: {"weighted_error_rtn": r.error_rtn, "weighted_error": r.error, "fallback_rtn": r.fallback_rtn}
+             for name, r in vision_results[b].items()} for b in sorted(vision_results)]
+        vision_linears = [m for b in adapter.vision_layers(model) for m in
+                          (b.get_submodule(n) for n in vision_linear_names(adapter))]
+        fp_caught = caught
+        with pre_decoder_on_device(model, adapter.decoder_layers, device), \
+                activation_fake_quant(vision_linears, scheme):  # decoder inputs now come from the quantized tower
+            caught = [catch_layer_inputs(model, layers, {k: v.to(device) for k, v in s.inputs.items()})
+                      for s in samples]
+        for fp, exposed in zip(fp_caught, caught, strict=True):
+            exposed.kwargs = fp.kwargs
     hiddens = [c.hidden for c in caught]
-    fp_hiddens = [c.hidden for c in caught] if not config.exposure or config.asymmetric_target else None
+    fp_hiddens = [c.hidden for c in (fp_caught if config.quantize_vision else caught)] \
+        if not config.exposure or config.asymmetric_target else None
     mode = "fp" if not config.exposure else ("asymmetric" if config.asymmetric_target else "exposed")
     results: dict[int, dict[str, LinearResult]] = {}
     bar = tqdm(range(len(layers)), desc="calibrate layers", disable=not config.progress)
@@ -399,25 +426,7 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
             with activation_fake_quant([layer.get_submodule(n) for n in names], scheme):
                 hiddens = run_layer(layer, hiddens, kwargs, device)
             fp_hiddens = next_fp
-    return results, extra
-
-
-@contextlib.contextmanager
-def _pre_decoder_on(model, adapter, device):
-    """Moves everything but the decoder layers (vision tower, projector, embeddings, rotary
-    buffers) to `device` for the catcher; the decoder layers stay on CPU (it stops before them)."""
-    if device.type == "cpu":
-        yield
-        return
-    prefix = adapter.decoder_layers + "."
-    tensors = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith(prefix)]
-    for t in tensors:
-        t.data = t.data.to(device)
-    try:
-        yield
-    finally:
-        for t in tensors:
-            t.data = t.data.to("cpu")
+    return results, vision_results, extra
 
 
 def smooth_layer(layer, adapter, hiddens, kwargs, alpha: float, device) -> None:
@@ -444,20 +453,21 @@ def apply_results(layer, results: dict[str, LinearResult], scheme: Scheme) -> No
         linear.weight.data = dequantize(r.qweight, r.scales, scheme, dtype).to(linear.weight.device)
 
 
-def export(model, adapter, scheme, results, model_ref, staging: Path, provenance: dict) -> None:
+def export(model, adapter, scheme, results, vision_results, model_ref, staging: Path, provenance: dict) -> None:
     from tlq_vllm.calibrate.export import QuantizedLinear, write_checkpoint
 
-    prefix = adapter.decoder_layers
     quantized = {
         f"{prefix}.{l}.{name}": QuantizedLinear(r.qweight, r.scales)
-        for l, per_layer in results.items() for name, r in per_layer.items()
+        for prefix, per_index in ((adapter.decoder_layers, results), (adapter.vision_blocks, vision_results))
+        for l, per_layer in per_index.items() for name, r in per_layer.items()
     }
     source_dir = Path(model_ref) if Path(model_ref).is_dir() else None
     if source_dir is None:
         from huggingface_hub import snapshot_download
 
         source_dir = Path(snapshot_download(model_ref, allow_patterns=["*.json", "*.jinja", "*.txt", "*.model"]))
-    write_checkpoint(model, quantized, scheme, adapter, source_dir=source_dir, out_dir=staging, provenance=provenance)
+    write_checkpoint(model, quantized, scheme, adapter, source_dir=source_dir, out_dir=staging, provenance=provenance,
+                     quantize_vision=bool(vision_results))
 
 
 def print_summary(results, provenance: dict, out_dir: Path, log: RunLog) -> None:

@@ -11,6 +11,7 @@ block-wise backward), the layer-wise calibration and the memory bound.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -66,6 +67,62 @@ def catch_layer_inputs(model, layers: torch.nn.ModuleList, sample_inputs: dict) 
     return LayerInputs(caught["hidden"].detach().to("cpu"), kwargs)
 
 
+def catch_layer_inputs_with_graph(model, layers: torch.nn.ModuleList, sample_inputs: dict) -> torch.Tensor:
+    """Like catch_layer_inputs, but with autograd on (pixels require grad) and only the hidden
+    states returned, still attached to the graph through the vision tower."""
+    caught: dict = {}
+
+    def hook(_module, args, kwargs):
+        caught["hidden"] = args[0] if args else kwargs["hidden_states"]
+        raise _StopForward
+
+    inputs = dict(sample_inputs)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs and inputs[key].is_floating_point():
+            inputs[key] = inputs[key].detach().requires_grad_(True)
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.enable_grad(), contextlib.suppress(_StopForward):
+            model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return caught["hidden"]
+
+
+def catch_block_kwargs(model, blocks: torch.nn.ModuleList, layers: torch.nn.ModuleList,
+                       sample_inputs: dict) -> tuple[torch.Tensor, list[dict]]:
+    """Runs one sample until decoder layer 0, recording the vision blocks' inputs: block 0's
+    hidden states and every block's keyword arguments (they differ per block, e.g. Qwen2.5-VL's
+    window vs full attention), all on CPU."""
+    first: dict = {}
+    per_block: list[dict] = [{} for _ in blocks]
+
+    def record(index):
+        def hook(_module, args, kwargs):
+            if index == 0:
+                first["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach().to("cpu")
+            # positional arguments after the hidden states (SigLIP passes attention_mask so) by name
+            names = list(inspect.signature(_module.forward).parameters)[1:]
+            named = dict(zip(names, args[1:], strict=False))
+            per_block[index] = to_device({**named, **{k: v for k, v in kwargs.items() if k != "hidden_states"}}, "cpu")
+        return hook
+
+    def stop(_module, _args, _kwargs):
+        raise _StopForward
+
+    handles = [block.register_forward_pre_hook(record(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    handles.append(layers[0].register_forward_pre_hook(stop, with_kwargs=True))
+    try:
+        with torch.no_grad(), contextlib.suppress(_StopForward):
+            model(**sample_inputs, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "hidden" not in first:
+        raise RuntimeError("the sample never reached the vision blocks (no image in it?)")
+    return first["hidden"], per_block
+
+
 def layer_forward(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """One decoder layer on one sample; transformers 5 layers return the hidden states tensor."""
     out = layer(hidden, **kwargs)
@@ -80,6 +137,24 @@ def on_device(module: torch.nn.Module, device: torch.device | str) -> Iterator[t
         yield module
     finally:
         module.to("cpu")
+
+
+@contextlib.contextmanager
+def pre_decoder_on_device(model: torch.nn.Module, decoder_prefix: str, device) -> Iterator[None]:
+    """Moves everything but the decoder layers (vision tower, projector, embeddings, rotary
+    buffers) to `device` for a catcher; the decoder layers stay on CPU (catchers stop before them)."""
+    if torch.device(device).type == "cpu":
+        yield
+        return
+    prefix = decoder_prefix + "."
+    tensors = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith(prefix)]
+    for t in tensors:
+        t.data = t.data.to(device)
+    try:
+        yield
+    finally:
+        for t in tensors:
+            t.data = t.data.to("cpu")
 
 
 def run_layer(

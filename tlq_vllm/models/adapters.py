@@ -45,6 +45,10 @@ class ModelAdapter:
     # compressed-tensors `ignore` entries: regexes, not module names, because module names
     # change across transformers versions (vision tower, projector, lm_head stay unquantized).
     ignore_patterns: tuple[str, ...] = ()
+    # the same with --quantize-vision: the vision blocks are quantized, projector and lm_head are not
+    vision_quantized_ignore_patterns: tuple[str, ...] = ()
+    # why --quantize-vision is refused for this family (empty: supported)
+    vision_quantization_unsupported: str = ""
     # (prefix written by transformers 5.19's save_pretrained, prefix of the hub layout that
     # vLLM and older transformers read): applied to the saved tensor names.
     saved_key_renames: tuple[tuple[str, str], ...] = ()
@@ -78,6 +82,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
         vision_blocks="model.visual.blocks",
         vision_groups=QWEN_VL_VISION_GROUPS,
         ignore_patterns=("re:.*visual.*", "re:.*lm_head"),
+        vision_quantized_ignore_patterns=("re:.*visual\\.merger.*", "re:.*lm_head"),
     ),
     ModelAdapter(
         family="qwen2.5-vl",
@@ -88,6 +93,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
         vision_blocks="model.visual.blocks",
         vision_groups=QWEN25_VL_VISION_GROUPS,
         ignore_patterns=("re:.*visual.*", "re:.*lm_head"),
+        vision_quantized_ignore_patterns=("re:.*visual\\.merger.*", "re:.*lm_head"),
     ),
     ModelAdapter(
         family="llava-onevision",
@@ -98,6 +104,11 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
         vision_blocks="model.vision_tower.encoder.layers",
         vision_groups=SIGLIP_VISION_GROUPS,
         ignore_patterns=("re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*lm_head"),
+        vision_quantized_ignore_patterns=("re:.*multi_modal_projector.*", "re:.*lm_head"),
+        vision_quantization_unsupported=(
+            "quantized SigLIP blocks are written under the hub names (vision_tower.vision_model.*), which "
+            "neither vLLM 0.32 nor transformers 5.19 decompress (they load the encoder unquantized or fail)"
+        ),
         saved_key_renames=(("vision_tower.", "vision_tower.vision_model."),),
     ),
 )
