@@ -307,6 +307,11 @@ class Assumptions:
     text_tokens: int = 64  # non-vision tokens of a sample (system prompt, question, answer)
     attn_implementation: str = "sdpa"  # "sdpa" (no T^2 buffers) or "eager" (materialised attention)
     keep_fraction: float = 0.6  # token-set bound: rho + modality floor (defaults 0.5 + 0.1)
+    results_on_every_rank: bool = False  # False: only rank 0 (the exporter) keeps the layers' integers
+
+
+# Host parts that only rank 0 holds (it writes the checkpoint); the other ranks hold the rest.
+RANK0_PARTS = ("results", "compressed tensors", "dense copy", "shard re-read (key renames)")
 
 
 @dataclass
@@ -458,7 +463,7 @@ def _calibrate_device(d: ModelDims, T: int, scheme: str, method: str, asymmetric
         inin, prev_inin = in_f * in_f * 4, prev_in * prev_in * 4
         mats = len(group) * inin * (1 + cross)
         alloc = mats + (prev_n * cross + 1) * prev_inin if prev_n else mats
-        capture = T * in_f * (2 + 4 + 4 + 4) + (2 * T * in_f * 4 if a8 else 0)
+        capture = T * in_f * (b + 4 + 4 + 4) + (2 * T * in_f * 4 if a8 else 0)  # x, x.float(), x[idx], sqrt(w) x
         if asymmetric:
             capture += T * in_f * 4 * 2 + inin  # the FP-path capture and the cross product
         stats = mats + prev_inin + inin + fwd + capture
@@ -534,13 +539,14 @@ def plan(
     results = int(d.quantized_params * (1 + scales))
     imp = S * T * L * N_LINEARS * 4
 
-    rows: list[tuple[str, dict, dict, dict, bool]] = []  # stage, device parts, host parts, weight moves, skipped
+    # stage, device parts, host parts, bytes of device parts that are host tensors moved (not copied), skipped
+    rows: list[tuple[str, dict, dict, dict, bool]] = []
     rows.append(("load", {}, dict(base_host), {}, False))
 
     if uses_data:
         dev = _catch_device(d, T, Tv, a)
         rows.append(("catch", dev, {**base_host, "sample inputs": sample_inputs, "layer-0 inputs": hidden + kwargs},
-                     {"vision tower, projector, embeddings, lm_head": 1}, False))
+                     {"vision tower, projector, embeddings, lm_head": d.non_decoder_params * b}, False))
     else:
         rows.append(("catch", {}, dict(base_host), {}, True))
 
@@ -548,7 +554,7 @@ def plan(
                 "stored layer inputs": L * hidden}
     if uses_importance:
         dev = {"layer": layer, "activations": _forward_act(d, T, a)}
-        rows.append(("importance forward", dev, host_fwd, {"layer": 1}, False))
+        rows.append(("importance forward", dev, host_fwd, {"layer": layer}, False))
         loss = _loss_device(d, T, a)
         layer_phase = d.layer_params * 4 + _backward_act(d, T, importance_granularity, a) + 3 * T * H * 4
         if loss > layer_phase:
@@ -557,7 +563,11 @@ def plan(
             dev = {"layer (float32)": d.layer_params * 4, "activations (float32)": layer_phase - d.layer_params * 4}
         host = {**host_fwd, "output gradients": S * T * H * 4,
                 "importances": imp, "lm_head float32 round trip": d.vocab * H * 4}
-        rows.append(("importance backward", dev, host, {}, False))
+        # on a CPU "device" the float32 up-casts replace the model-dtype tensors in place
+        moves = {"lm_head + logits (float32)": d.vocab * H * b, "layer (float32)": layer}
+        if device == "cpu":
+            host.pop("lm_head float32 round trip")
+        rows.append(("importance backward", dev, host, moves, False))
     else:
         rows.append(("importance forward", {}, dict(base_host), {}, True))
         rows.append(("importance backward", {}, dict(base_host), {}, True))
@@ -568,12 +578,14 @@ def plan(
         copies = 5 if (asymmetric_target or not exposure) else 3
         host = {**base_host, "sample inputs": sample_inputs, "hidden states": copies * hidden + kwargs,
                 "results": results}
+        if uses_importance:  # gradient_importance returns dL/dh_0 per sample; calibrate_model keeps it
+            host["decoder-input gradients"] = S * T * H * 4
         if method == "tlq":
             host["importances + scores"] = 2 * imp
             host["token sets"] = int(S * T * a.keep_fraction * 12 * L * N_LINEARS)
         elif method == "mbq":
             host["importances"] = imp
-        rows.append(("calibrate layer", dev, host, {"layer": 1}, False))
+        rows.append(("calibrate layer", dev, host, {"layer": layer}, False))
     else:
         largest = max(o * i for o, i in d.linear_shapes().values())
         rows.append(("calibrate layer", {}, {**base_host, "results": results, "solver": 6 * largest * 4}, {}, False))
@@ -594,13 +606,14 @@ def plan(
         host = {k: int(v) for k, v in host.items() if v}
         dev = {k: int(v) for k, v in dev.items() if v}
         if device == "cpu":  # no device: its allocations (less moves of host weights) are host memory
-            host.update({f"{k} (device)": v for k, v in dev.items() if k not in moves})
+            host.update({f"{k} (device)": v - moves.get(k, 0) for k, v in dev.items() if v > moves.get(k, 0)})
             dev = {}
-        dev_bytes, host_bytes = sum(dev.values()), sum(host.values())
+        dev_bytes, host_bytes = sum(dev.values()), sum(host.values())  # rank 0's
+        rank0_only = [k for k in RANK0_PARTS if not (k == "results" and a.results_on_every_rank)]
+        other_rank = host_bytes - sum(v for k, v in host.items() if k in rank0_only)
+        node = host_bytes + (rpn - 1) * other_rank
         if a.host_weights == "shared":
-            node = weights + rpn * (host_bytes - weights)
-        else:
-            node = rpn * host_bytes
+            node -= (rpn - 1) * weights
         st = StagePeak(stage, dev_bytes, host_bytes, node, dev, host, skipped=skipped)
         if device_mem_bytes is not None and device == "cuda":
             st.fits_device = dev_bytes == 0 or dev_bytes + a.device_reserve_bytes <= device_mem_bytes
@@ -630,7 +643,7 @@ def _notes(p: Plan) -> list[str]:
     if p.settings["nproc"] > 1:
         notes.append(f"{p.settings['nproc']} ranks: {p.samples_per_rank} samples per rank; weights "
                      + ("shared once per node" if a.host_weights == "shared" else "loaded by every rank")
-                     + "; results kept by every rank")
+                     + "; layer results and export on " + ("every rank" if a.results_on_every_rank else "rank 0"))
     if p.vision_tokens_per_sample and d.vision.kind == "siglip" and p.vision_tokens_per_sample < 1485:
         notes.append("LLaVA-OneVision: an anyres image takes at least ~1485 tokens (base tile + one grid tile)")
     return notes
@@ -692,7 +705,9 @@ def suggestions(config_json: dict, p: Plan, *, max_ranks: int = 8) -> list[Sugge
     granularities = [{}]
     if s["method"] in ("tlq", "mbq") and s["importance_granularity"] == "linear":
         granularities.append({"importance_granularity": "layer"})
+    # more ranks first (fewer samples per rank); fewer ranks help when every rank holds the weights
     ranks = [{"nproc": n} for n in (2, 4, 8, 16) if s["nproc"] < n <= max_ranks]
+    ranks += [{"nproc": n} for n in (4, 2, 1) if n < s["nproc"]]
     samples = [{"num_samples": n} for n in (96, 64, 48, 32, 16, 8) if n < s["num_samples"]]
     min_len = 1600 if d.vision.kind == "siglip" else 256
     lengths = [{"max_seq_len": n} for n in (1536, 1024, 768, 512, 384, 256) if min_len <= n < s["max_seq_len"]]
@@ -724,8 +739,8 @@ def suggestions(config_json: dict, p: Plan, *, max_ranks: int = 8) -> list[Sugge
                 break
     out = []
     for q, change in found[:4]:
-        out.append(Suggestion(flags(change), f"peak device {_gib(q.peak_device_bytes)}, host {_gib(q.peak_host_node_bytes)}"
-                              " per node", q.peak_device_bytes, q.peak_host_node_bytes))
+        text = f"peak device {_gib(q.peak_device_bytes)}, host {_gib(q.peak_host_node_bytes)} per node"
+        out.append(Suggestion(flags(change), text, q.peak_device_bytes, q.peak_host_node_bytes))
     if not out:
         q, _ = trial(**({"importance_granularity": "layer"} if len(granularities) > 1 else {}),
                      num_samples=min(8, s["num_samples"]), max_seq_len=min(256, s["max_seq_len"]))

@@ -11,7 +11,7 @@ Paths are attribute paths on the transformers (5.x) model object, e.g.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -72,29 +72,22 @@ SIGLIP_VISION_GROUPS = (
     ("mlp.fc2",),
 )
 
+QWEN2_VL = ModelAdapter(
+    family="qwen2-vl",
+    model_types=("qwen2_vl",),
+    decoder_layers="model.language_model.layers",
+    vision_tower="model.visual",
+    projector="model.visual.merger",
+    vision_blocks="model.visual.blocks",
+    vision_groups=QWEN_VL_VISION_GROUPS,
+    ignore_patterns=("re:.*visual.*", "re:.*lm_head"),
+    vision_quantized_ignore_patterns=("re:.*visual\\.merger.*", "re:.*lm_head"),
+)
+
 ADAPTERS: tuple[ModelAdapter, ...] = (
-    ModelAdapter(
-        family="qwen2-vl",
-        model_types=("qwen2_vl",),
-        decoder_layers="model.language_model.layers",
-        vision_tower="model.visual",
-        projector="model.visual.merger",
-        vision_blocks="model.visual.blocks",
-        vision_groups=QWEN_VL_VISION_GROUPS,
-        ignore_patterns=("re:.*visual.*", "re:.*lm_head"),
-        vision_quantized_ignore_patterns=("re:.*visual\\.merger.*", "re:.*lm_head"),
-    ),
-    ModelAdapter(
-        family="qwen2.5-vl",
-        model_types=("qwen2_5_vl",),
-        decoder_layers="model.language_model.layers",
-        vision_tower="model.visual",
-        projector="model.visual.merger",
-        vision_blocks="model.visual.blocks",
-        vision_groups=QWEN25_VL_VISION_GROUPS,
-        ignore_patterns=("re:.*visual.*", "re:.*lm_head"),
-        vision_quantized_ignore_patterns=("re:.*visual\\.merger.*", "re:.*lm_head"),
-    ),
+    QWEN2_VL,
+    # Qwen2.5-VL: the same layout; its vision MLP is gated (and alternates window/full attention)
+    replace(QWEN2_VL, family="qwen2.5-vl", model_types=("qwen2_5_vl",), vision_groups=QWEN25_VL_VISION_GROUPS),
     ModelAdapter(
         family="llava-onevision",
         model_types=("llava_onevision",),

@@ -244,41 +244,32 @@ def make_config(recipe: FixtureRecipe, tokenizer):
 
     ids = tokenizer.convert_tokens_to_ids
     text = recipe.text
-    if recipe.family == "qwen2_vl":
-        text_cfg = {**text_config_dict(recipe, tokenizer, mrope=True), "model_type": "qwen2_vl_text"}
-        return Qwen2VLConfig(
-            text_config=text_cfg,
-            vision_config={
-                "depth": recipe.vision_depth,
+    if recipe.family in ("qwen2_vl", "qwen2_5_vl"):
+        if recipe.family == "qwen2_vl":
+            config_cls, architecture = Qwen2VLConfig, "Qwen2VLForConditionalGeneration"
+            vision = {
                 "embed_dim": recipe.vision_hidden_size,
                 "hidden_size": text.hidden_size,
                 "mlp_ratio": recipe.vision_intermediate_size // recipe.vision_hidden_size,
-                "num_heads": recipe.vision_heads,
-            },
-            image_token_id=ids("<|image_pad|>"),
-            video_token_id=ids("<|video_pad|>"),
-            vision_start_token_id=ids("<|vision_start|>"),
-            vision_end_token_id=ids("<|vision_end|>"),
-            architectures=["Qwen2VLForConditionalGeneration"],
-        )
-    if recipe.family == "qwen2_5_vl":
-        text_cfg = {**text_config_dict(recipe, tokenizer, mrope=True), "model_type": "qwen2_5_vl_text"}
-        return Qwen2_5_VLConfig(
-            text_config=text_cfg,
-            vision_config={
-                "depth": recipe.vision_depth,
+            }
+        else:  # Qwen2.5-VL: gated vision MLP, window attention with full attention in the last block
+            config_cls, architecture = Qwen2_5_VLConfig, "Qwen2_5_VLForConditionalGeneration"
+            vision = {
                 "hidden_size": recipe.vision_hidden_size,
                 "intermediate_size": recipe.vision_intermediate_size,
                 "out_hidden_size": text.hidden_size,
-                "num_heads": recipe.vision_heads,
                 "fullatt_block_indexes": [recipe.vision_depth - 1],
                 "window_size": 56,
-            },
+            }
+        text_cfg = {**text_config_dict(recipe, tokenizer, mrope=True), "model_type": f"{recipe.family}_text"}
+        return config_cls(
+            text_config=text_cfg,
+            vision_config={"depth": recipe.vision_depth, "num_heads": recipe.vision_heads, **vision},
             image_token_id=ids("<|image_pad|>"),
             video_token_id=ids("<|video_pad|>"),
             vision_start_token_id=ids("<|vision_start|>"),
             vision_end_token_id=ids("<|vision_end|>"),
-            architectures=["Qwen2_5_VLForConditionalGeneration"],
+            architectures=[architecture],
         )
     if recipe.family == "llava_onevision":
         return LlavaOnevisionConfig(
