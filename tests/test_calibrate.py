@@ -268,3 +268,14 @@ def test_quantize_vision_quantizes_the_blocks_and_keeps_the_projector(tmp_path, 
     assert max(len(torch.unique(g)) for g in groups.reshape(-1, 128)) <= 16  # on the 4-bit grid
     for name, param in original.get_submodule(adapter.projector).named_parameters():
         assert torch.equal(param, quantized.get_submodule(adapter.projector).get_parameter(name)), name
+
+
+def test_log_json_records_every_stage(tmp_path):
+    log = tmp_path / "events.jsonl"
+    calibrate(tmp_path, method="gptq", num_samples=2, log_json=str(log))
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert kinds.count("layer") == 4 and "data" in kinds
+    layer = next(e for e in events if e["event"] == "layer")
+    assert {"layer", "error_rtn", "error", "seconds"} <= set(layer)

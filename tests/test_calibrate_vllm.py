@@ -23,10 +23,25 @@ CASES = [
 def test_tlq_checkpoint_generates_in_vllm(tmp_path, sample_image, fixture, scheme):
     from vllm import SamplingParams
 
-    out = run(CalibrationConfig(model=f"fixture:{fixture}", scheme=scheme, method="tlq", num_samples=8,
-                                output=str(tmp_path / "ckpt"), progress=False))
-    messages = [{"role": "user", "content": [
-        {"type": "image_pil", "image_pil": sample_image}, {"type": "text", "text": "What shape is it?"}]}]
+    out = run(
+        CalibrationConfig(
+            model=f"fixture:{fixture}",
+            scheme=scheme,
+            method="tlq",
+            num_samples=8,
+            output=str(tmp_path / "ckpt"),
+            progress=False,
+        )
+    )
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_pil", "image_pil": sample_image},
+                {"type": "text", "text": "What shape is it?"},
+            ],
+        }
+    ]
     with vllm_engine(out) as llm:
         quant = llm.llm_engine.vllm_config.model_config.quantization
         result = llm.chat(messages, SamplingParams(max_tokens=6, temperature=0))[0]
@@ -40,8 +55,16 @@ def test_w3a16_checkpoint_generates_in_transformers(tmp_path, sample_image):
 
     from tests.test_fixtures import chat_inputs
 
-    out = run(CalibrationConfig(model="fixture:qwen2-vl", scheme="W3A16", method="tlq", num_samples=8,
-                                output=str(tmp_path / "ckpt"), progress=False))
+    out = run(
+        CalibrationConfig(
+            model="fixture:qwen2-vl",
+            scheme="W3A16",
+            method="tlq",
+            num_samples=8,
+            output=str(tmp_path / "ckpt"),
+            progress=False,
+        )
+    )
     model = AutoModelForImageTextToText.from_pretrained(out)
     inputs = chat_inputs(AutoProcessor.from_pretrained(out), sample_image)
     with torch.no_grad():
@@ -55,13 +78,31 @@ def test_vision_quantized_checkpoint_generates_in_vllm(tmp_path, sample_image, f
     apply the checkpoint's scheme to the vision encoder: see docs/method.md)."""
     from vllm import SamplingParams
 
-    out = run(CalibrationConfig(model=f"fixture:{fixture}", scheme="W4A16", method="tlq", num_samples=4,
-                                quantize_vision=True, output=str(tmp_path / "ckpt"), progress=False))
-    messages = [{"role": "user", "content": [
-        {"type": "image_pil", "image_pil": sample_image}, {"type": "text", "text": "What shape is it?"}]}]
+    out = run(
+        CalibrationConfig(
+            model=f"fixture:{fixture}",
+            scheme="W4A16",
+            method="tlq",
+            num_samples=4,
+            quantize_vision=True,
+            output=str(tmp_path / "ckpt"),
+            progress=False,
+        )
+    )
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_pil", "image_pil": sample_image},
+                {"type": "text", "text": "What shape is it?"},
+            ],
+        }
+    ]
 
     def vision_schemes(model):
-        return {type(m.scheme).__name__ for n, m in model.named_modules() if "visual.blocks" in n and hasattr(m, "scheme")}
+        return {
+            type(m.scheme).__name__ for n, m in model.named_modules() if "visual.blocks" in n and hasattr(m, "scheme")
+        }
 
     with vllm_engine(out) as llm:
         (schemes,) = llm.apply_model(vision_schemes)

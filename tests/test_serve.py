@@ -113,8 +113,8 @@ def test_served_greedy_tokens_agree_with_transformers(server, test_images):
     """Top-1 served token is in transformers' top 3 for the same checkpoint and prompt (bf16 GEMMs
     differ in summation order; this random-weight model has logit gaps of ~0.1 nats), and its
     log-probability is within 0.25 nats of transformers'."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, CompressedTensorsConfig
     from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor, CompressedTensorsConfig
 
     from tests.test_fixtures import chat_inputs
 

@@ -40,28 +40,50 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-seq-len", type=int, help=f"skip longer samples (default {d.max_seq_len})")
     data.add_argument("--max-pixels", type=int, help="downscale larger images to this many pixels")
     tlq = p.add_argument_group("TLQ (docs/method.md)")
-    tlq.add_argument("--importance-granularity", choices=GRANULARITIES,
-                     help=f"per-linear output gradients or the layer's residual stream (default {d.importance_granularity})")
+    tlq.add_argument(
+        "--importance-granularity",
+        choices=GRANULARITIES,
+        help=f"per-linear output gradients or the layer's residual stream (default {d.importance_granularity})",
+    )
     tlq.add_argument("--beta", type=float, help=f"depth-global share of the importance (default {d.beta})")
     tlq.add_argument("--clip-percentile", type=float, help=f"importance clip percentile (default {d.clip_percentile})")
     tlq.add_argument("--rho", type=float, help=f"fraction of tokens kept per linear (default {d.rho})")
-    tlq.add_argument("--modality-floor", type=float,
-                     help=f"minimum share of each sample's vision and text tokens kept (default {d.modality_floor})")
-    tlq.add_argument("--exposure", action=argparse.BooleanOptionalAction,
-                     help="statistics from the quantized path (default on; --no-exposure: FP path)")
-    tlq.add_argument("--asymmetric-target", action=argparse.BooleanOptionalAction,
-                     help="target the FP path's outputs from the quantized path's inputs (default off)")
-    tlq.add_argument("--smoothquant-alpha", type=float,
-                     help="SmoothQuant migration strength for A8 schemes (method smoothquant: 0.5)")
+    tlq.add_argument(
+        "--modality-floor",
+        type=float,
+        help=f"minimum share of each sample's vision and text tokens kept (default {d.modality_floor})",
+    )
+    tlq.add_argument(
+        "--exposure",
+        action=argparse.BooleanOptionalAction,
+        help="statistics from the quantized path (default on; --no-exposure: FP path)",
+    )
+    tlq.add_argument(
+        "--asymmetric-target",
+        action=argparse.BooleanOptionalAction,
+        help="target the FP path's outputs from the quantized path's inputs (default off)",
+    )
+    tlq.add_argument(
+        "--smoothquant-alpha",
+        type=float,
+        help="SmoothQuant migration strength for A8 schemes (method smoothquant: 0.5)",
+    )
     solver = p.add_argument_group("solver")
     solver.add_argument("--block-size", type=int, help=f"GPTQ lazy-batch block (default {d.block_size})")
     solver.add_argument("--damp", type=float, help=f"relative Hessian damping (default {d.damp})")
     solver.add_argument("--act-order", action=argparse.BooleanOptionalAction, help="static act-order (default off)")
-    solver.add_argument("--clip-search", action=argparse.BooleanOptionalAction,
-                        help="weighted-MSE search of group clipping ratios (default off)")
+    solver.add_argument(
+        "--clip-search",
+        action=argparse.BooleanOptionalAction,
+        help="weighted-MSE search of group clipping ratios (default off)",
+    )
     model = p.add_argument_group("model loading")
-    model.add_argument("--quantize-vision", action=argparse.BooleanOptionalAction, help="also quantize the vision blocks")
-    model.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, help="run model code from the repo")
+    model.add_argument(
+        "--quantize-vision", action=argparse.BooleanOptionalAction, help="also quantize the vision blocks"
+    )
+    model.add_argument(
+        "--trust-remote-code", action=argparse.BooleanOptionalAction, help="run model code from the repo"
+    )
     model.add_argument("--allow-pickle", action=argparse.BooleanOptionalAction, help="allow .bin (pickle) weights")
     ctl = p.add_argument_group("run control")
     ctl.add_argument("--overwrite", action=argparse.BooleanOptionalAction, help="replace a non-empty output dir")

@@ -110,8 +110,8 @@ def gradient_importance(
         handles = []
         if granularity == "linear":
             for name in layer_names:
-                def keep_output_grad(_module, _args, output, name=name):
-                    output.register_hook(lambda g: captured.__setitem__(name, g.detach()))
+                def keep_output_grad(_module, _args, output, name=name, store=captured):
+                    output.register_hook(lambda grad, name=name: store.__setitem__(name, grad.detach()))
 
                 handles.append(layer.get_submodule(name).register_forward_hook(keep_output_grad))
         try:

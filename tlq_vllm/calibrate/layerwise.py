@@ -74,8 +74,9 @@ def weighted_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     return float(((delta @ hessian) * delta).sum() / 2)
 
 
-def quantize_linear(weight: torch.Tensor, hessian: torch.Tensor | None, scheme: Scheme, options: SolverOptions,
-                    scale_dtype: torch.dtype) -> LinearResult:
+def quantize_linear(
+    weight: torch.Tensor, hessian: torch.Tensor | None, scheme: Scheme, options: SolverOptions, scale_dtype: torch.dtype
+) -> LinearResult:
     """Solves one linear: GPTQ on H, or RTN (no data). Scales are rounded to the model dtype,
     the dtype the checkpoint and kernel hold them in, so the integers fit the real scales."""
     w = weight.detach().float()
@@ -89,9 +90,14 @@ def quantize_linear(weight: torch.Tensor, hessian: torch.Tensor | None, scheme: 
     rtn_scales = compute_scales(w, scheme, scale_dtype=scale_dtype)
     rtn_error = weighted_error(w - dequantize(quantize(w, rtn_scales, scheme), rtn_scales, scheme), hessian)
     result = gptq_quantize(
-        w, hessian, scheme,
-        block_size=options.block_size, damp=options.damp, act_order=options.act_order,
-        clip_ratios=CLIP_RATIOS if options.clip_search else None, scale_dtype=scale_dtype,
+        w,
+        hessian,
+        scheme,
+        block_size=options.block_size,
+        damp=options.damp,
+        act_order=options.act_order,
+        clip_ratios=CLIP_RATIOS if options.clip_search else None,
+        scale_dtype=scale_dtype,
     )
     error = weighted_error(w - result.weight_hat, hessian)
     return LinearResult(result.qweight, result.scales.float(), rtn_error, error, result.fallback_rtn)
@@ -189,7 +195,9 @@ def _fp_weights(layer, originals: dict[str, torch.Tensor], quantized: list[torch
             layer.get_submodule(name).weight.data = data
 
 
-def rtn_layer(layer: torch.nn.Module, names: list[str], scheme: Scheme, options: SolverOptions) -> dict[str, LinearResult]:
+def rtn_layer(
+    layer: torch.nn.Module, names: list[str], scheme: Scheme, options: SolverOptions
+) -> dict[str, LinearResult]:
     """Round-to-nearest for every linear of a layer: no data involved."""
     dtype = next(layer.parameters()).dtype
     results = {}

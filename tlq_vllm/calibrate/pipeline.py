@@ -110,7 +110,9 @@ def load_model(model_ref: str, config: CalibrationConfig):
                 "from the file: pass --allow-pickle if you trust it"
             )
     model = AutoModelForImageTextToText.from_pretrained(
-        model_ref, dtype="auto", trust_remote_code=config.trust_remote_code,
+        model_ref,
+        dtype="auto",
+        trust_remote_code=config.trust_remote_code,
         use_safetensors=None if config.allow_pickle else True,
     )
     model.eval()
@@ -166,8 +168,7 @@ class PartialRun:
             meta = json.loads(meta_path.read_text())
             tensors = load_file(tensors_path)
             done[l] = {
-                name: LinearResult(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], *meta[name])
-                for name in meta
+                name: LinearResult(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], *meta[name]) for name in meta
             }
         return done
 
@@ -235,15 +236,24 @@ def run(config: CalibrationConfig) -> Path:
         model, processor, adapter = load_model(model_ref, config)
         check_shapes(model, adapter, scheme)
         if config.quantize_vision and adapter.vision_quantization_unsupported:
-            raise ConfigError(f"--quantize-vision is not supported for {adapter.family}: "
-                              f"{adapter.vision_quantization_unsupported}")
+            raise ConfigError(
+                f"--quantize-vision is not supported for {adapter.family}: {adapter.vision_quantization_unsupported}"
+            )
         layers = adapter.layers(model)
         names = target_linears(adapter)
-        log.event("start", f"tlq: {config.method} {scheme.name} on {model_ref} ({len(layers)} decoder layers, "
-                  f"device {device})", method=config.method, scheme=scheme.name, model=model_ref)
+        log.event(
+            "start",
+            f"tlq: {config.method} {scheme.name} on {model_ref} ({len(layers)} decoder layers, device {device})",
+            method=config.method,
+            scheme=scheme.name,
+            model=model_ref,
+        )
         options = SolverOptions(
-            solver="rtn" if config.method in ("rtn", "smoothquant") else "gptq", block_size=config.block_size,
-            damp=config.damp, act_order=config.act_order, clip_search=config.clip_search,
+            solver="rtn" if config.method in ("rtn", "smoothquant") else "gptq",
+            block_size=config.block_size,
+            damp=config.damp,
+            act_order=config.act_order,
+            clip_search=config.clip_search,
         )
         partial = PartialRun(config)
         finished = partial.finished_layers() if config.resume else {}
@@ -288,8 +298,10 @@ def run(config: CalibrationConfig) -> Path:
             },
             "seed": config.seed,
             "layers": [
-                {name: {"weighted_error_rtn": r.error_rtn, "weighted_error": r.error, "fallback_rtn": r.fallback_rtn}
-                 for name, r in results[l].items()}
+                {
+                    name: {"weighted_error_rtn": r.error_rtn, "weighted_error": r.error, "fallback_rtn": r.fallback_rtn}
+                    for name, r in results[l].items()
+                }
                 for l in range(len(layers))
             ],
             **provenance_extra,
@@ -315,10 +327,16 @@ def prepare_samples(model, processor, config: CalibrationConfig, log: RunLog):
             continue
         samples.append(sample)
     if not samples:
-        raise DataError(f"every sample is longer than --max-seq-len {config.max_seq_len}; raise it or lower --max-pixels")
-    log.event("data", f"data: {len(samples)} samples, {sum(s.num_tokens for s in samples)} tokens"
-              + (f" ({too_long} longer than --max-seq-len skipped)" if too_long else ""),
-              samples=len(samples), skipped=too_long)
+        raise DataError(
+            f"every sample is longer than --max-seq-len {config.max_seq_len}; raise it or lower --max-pixels"
+        )
+    log.event(
+        "data",
+        f"data: {len(samples)} samples, {sum(s.num_tokens for s in samples)} tokens"
+        + (f" ({too_long} longer than --max-seq-len skipped)" if too_long else ""),
+        samples=len(samples),
+        skipped=too_long,
+    )
     return records, samples
 
 
@@ -333,7 +351,7 @@ def greedy_answer(model, processor, record, config: CalibrationConfig, max_new_t
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     assert isinstance(record, Record)
-    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def calibrate_model(model, adapter, samples, scheme, options, config, device, log, partial, finished):
@@ -348,34 +366,53 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
     kwargs = [c.kwargs for c in caught]
     extra: dict = {}
 
-    token_sets_for_layer = lambda l: (lambda name: uniform)  # noqa: E731
+    token_sets_for_layer = lambda l: lambda name: uniform  # noqa: E731
     uniform = all_tokens(roles)
     if config.method in ("tlq", "mbq"):
         t0 = time.time()
         raw, losses, decoder_input_grads = gradient_importance(
-            layers, model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head), names, caught,
-            roles, [s.inputs["input_ids"][0] for s in samples], device=device,
-            granularity=config.importance_granularity, progress=config.progress,
+            layers,
+            model.get_submodule(adapter.final_norm),
+            model.get_submodule(adapter.lm_head),
+            names,
+            caught,
+            roles,
+            [s.inputs["input_ids"][0] for s in samples],
+            device=device,
+            granularity=config.importance_granularity,
+            progress=config.progress,
         )
-        extra["importance"] = {"granularity": config.importance_granularity, "mean_answer_loss": sum(losses) / len(losses),
-                               "per_layer_raw": modality_means(raw, roles)}
+        extra["importance"] = {
+            "granularity": config.importance_granularity,
+            "mean_answer_loss": sum(losses) / len(losses),
+            "per_layer_raw": modality_means(raw, roles),
+        }
         if config.method == "tlq":
             scores = integrate(raw, beta=config.beta, clip_percentile=config.clip_percentile)
             extra["importance"]["per_layer_integrated"] = modality_means(scores, roles)
-            sets = [{n: select_tokens(scores[l][n], roles, rho=config.rho, modality_floor=config.modality_floor)
-                     for n in names} for l in range(len(layers))]
+            sets = [
+                {
+                    n: select_tokens(scores[l][n], roles, rho=config.rho, modality_floor=config.modality_floor)
+                    for n in names
+                }
+                for l in range(len(layers))
+            ]
             token_sets_for_layer = lambda l: sets[l].__getitem__  # noqa: E731
             kept = sum(sets[0][n].num_tokens for n in names) / len(names)
-            log.event("importance", f"importance: {time.time() - t0:.1f}s, loss {extra['importance']['mean_answer_loss']:.3f}, "
-                      f"token set keeps {kept:.0f}/{sum(r.numel() for r in roles)} tokens per linear",
-                      seconds=time.time() - t0)
+            log.event(
+                "importance",
+                f"importance: {time.time() - t0:.1f}s, loss {extra['importance']['mean_answer_loss']:.3f}, "
+                f"token set keeps {kept:.0f}/{sum(r.numel() for r in roles)} tokens per linear",
+                seconds=time.time() - t0,
+            )
         else:
             ratios = mbq_ratios(raw, roles)
             extra["mbq_vision_weights"] = ratios
             mbq_sets = [modality_tokens(roles, r) for r in ratios]
-            token_sets_for_layer = lambda l: (lambda name: mbq_sets[l])  # noqa: E731
-            log.event("importance", f"mbq: vision/answer weights per layer {[round(r, 3) for r in ratios]}",
-                      ratios=ratios)
+            token_sets_for_layer = lambda l: lambda name: mbq_sets[l]  # noqa: E731
+            log.event(
+                "importance", f"mbq: vision/answer weights per layer {[round(r, 3) for r in ratios]}", ratios=ratios
+            )
 
     vision_results = {}
     if config.quantize_vision:
@@ -384,20 +421,31 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
         grads = decoder_input_grads if config.method == "tlq" else None
         vision_results = calibrate_vision(model, adapter, samples, scheme, options, config, device, log, grads)
         extra["vision_layers"] = [
-            {name: {"weighted_error_rtn": r.error_rtn, "weighted_error": r.error, "fallback_rtn": r.fallback_rtn}
-             for name, r in vision_results[b].items()} for b in sorted(vision_results)]
-        vision_linears = [m for b in adapter.vision_layers(model) for m in
-                          (b.get_submodule(n) for n in vision_linear_names(adapter))]
+            {
+                name: {"weighted_error_rtn": r.error_rtn, "weighted_error": r.error, "fallback_rtn": r.fallback_rtn}
+                for name, r in vision_results[b].items()
+            }
+            for b in sorted(vision_results)
+        ]
+        vision_linears = [
+            m for b in adapter.vision_layers(model) for m in (b.get_submodule(n) for n in vision_linear_names(adapter))
+        ]
         fp_caught = caught
-        with pre_decoder_on_device(model, adapter.decoder_layers, device), \
-                activation_fake_quant(vision_linears, scheme):  # decoder inputs now come from the quantized tower
-            caught = [catch_layer_inputs(model, layers, {k: v.to(device) for k, v in s.inputs.items()})
-                      for s in samples]
+        with (
+            pre_decoder_on_device(model, adapter.decoder_layers, device),
+            activation_fake_quant(vision_linears, scheme),
+        ):  # decoder inputs now come from the quantized tower
+            caught = [
+                catch_layer_inputs(model, layers, {k: v.to(device) for k, v in s.inputs.items()}) for s in samples
+            ]
         for fp, exposed in zip(fp_caught, caught, strict=True):
             exposed.kwargs = fp.kwargs
     hiddens = [c.hidden for c in caught]
-    fp_hiddens = [c.hidden for c in (fp_caught if config.quantize_vision else caught)] \
-        if not config.exposure or config.asymmetric_target else None
+    fp_hiddens = (
+        [c.hidden for c in (fp_caught if config.quantize_vision else caught)]
+        if not config.exposure or config.asymmetric_target
+        else None
+    )
     mode = "fp" if not config.exposure else ("asymmetric" if config.asymmetric_target else "exposed")
     results: dict[int, dict[str, LinearResult]] = {}
     bar = tqdm(range(len(layers)), desc="calibrate layers", disable=not config.progress)
@@ -413,16 +461,31 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
                 apply_results(layer, results[l], scheme)
             else:
                 results[l] = calibrate_layer(
-                    layer, adapter.decoder_groups, hiddens, kwargs, token_sets_for_layer(l), scheme, options,
-                    device=device, fp_hiddens=fp_hiddens, mode=mode,
+                    layer,
+                    adapter.decoder_groups,
+                    hiddens,
+                    kwargs,
+                    token_sets_for_layer(l),
+                    scheme,
+                    options,
+                    device=device,
+                    fp_hiddens=fp_hiddens,
+                    mode=mode,
                 )
                 partial.save_layer(l, results[l])
                 before = sum(r.error_rtn for r in results[l].values())
                 after = sum(r.error for r in results[l].values())
                 fallbacks = [n for n, r in results[l].items() if r.fallback_rtn]
-                log.event("layer", f"layer {l:3d}: weighted error rtn {before:.4g} -> {config.method} {after:.4g} "
-                          f"({time.time() - t0:.1f}s)" + (f"; RTN fallback in {fallbacks}" if fallbacks else ""),
-                          layer=l, error_rtn=before, error=after, seconds=time.time() - t0, fallback=fallbacks)
+                log.event(
+                    "layer",
+                    f"layer {l:3d}: weighted error rtn {before:.4g} -> {config.method} {after:.4g} "
+                    f"({time.time() - t0:.1f}s)" + (f"; RTN fallback in {fallbacks}" if fallbacks else ""),
+                    layer=l,
+                    error_rtn=before,
+                    error=after,
+                    seconds=time.time() - t0,
+                    fallback=fallbacks,
+                )
             with activation_fake_quant([layer.get_submodule(n) for n in names], scheme):
                 hiddens = run_layer(layer, hiddens, kwargs, device)
             fp_hiddens = next_fp
@@ -459,15 +522,24 @@ def export(model, adapter, scheme, results, vision_results, model_ref, staging: 
     quantized = {
         f"{prefix}.{l}.{name}": QuantizedLinear(r.qweight, r.scales)
         for prefix, per_index in ((adapter.decoder_layers, results), (adapter.vision_blocks, vision_results))
-        for l, per_layer in per_index.items() for name, r in per_layer.items()
+        for l, per_layer in per_index.items()
+        for name, r in per_layer.items()
     }
     source_dir = Path(model_ref) if Path(model_ref).is_dir() else None
     if source_dir is None:
         from huggingface_hub import snapshot_download
 
         source_dir = Path(snapshot_download(model_ref, allow_patterns=["*.json", "*.jinja", "*.txt", "*.model"]))
-    write_checkpoint(model, quantized, scheme, adapter, source_dir=source_dir, out_dir=staging, provenance=provenance,
-                     quantize_vision=bool(vision_results))
+    write_checkpoint(
+        model,
+        quantized,
+        scheme,
+        adapter,
+        source_dir=source_dir,
+        out_dir=staging,
+        provenance=provenance,
+        quantize_vision=bool(vision_results),
+    )
 
 
 def print_summary(results, provenance: dict, out_dir: Path, log: RunLog) -> None:
@@ -479,9 +551,10 @@ def print_summary(results, provenance: dict, out_dir: Path, log: RunLog) -> None
     lines = ["", f"{'layer':>5}  {'err RTN':>12}  {'err ' + provenance['method']:>12}  {'ratio':>6}"]
     lines += [f"{l:>5}  {b:>12.4g}  {a:>12.4g}  {r:>6.3f}" for l, b, a, r in rows]
     mem = provenance["memory"]
+    num_samples = provenance["calibration_set"]["num_samples"]
     lines += [
         "",
-        f"{provenance['method']} {provenance['scheme']}: {len(rows)} layers, {provenance['calibration_set']['num_samples']} "
+        f"{provenance['method']} {provenance['scheme']}: {len(rows)} layers, {num_samples} "
         f"samples, {provenance['wall_time_s']:.1f}s, peak host RSS {mem['host_peak_rss_mib']:.0f} MiB"
         + (f", peak device {mem['device_peak_allocated_mib']:.0f} MiB" if "device_peak_allocated_mib" in mem else ""),
         f"checkpoint: {out_dir}",

@@ -55,18 +55,30 @@ def check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as err:
-            raise ServeError(f"cannot listen on {host}:{port} ({err.strerror}); is the port taken? pick --port") from None
+            raise ServeError(
+                f"cannot listen on {host}:{port} ({err.strerror}); is the port taken? pick --port"
+            ) from None
 
 
 def passthrough_flags(extra: list[str]) -> set[str]:
     return {a.split("=", 1)[0].lstrip("-") for a in extra if a.startswith("--")}
 
 
-def vllm_command(checkpoint: Path, host: str, port: int, api_key: str | None, preset: dict,
-                 extra: list[str]) -> list[str]:
+def vllm_command(
+    checkpoint: Path, host: str, port: int, api_key: str | None, preset: dict, extra: list[str]
+) -> list[str]:
     given = passthrough_flags(extra)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
-           "--host", host, "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(checkpoint),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     if api_key:
         cmd += ["--api-key", api_key]
     for key, value in preset["args"].items():
@@ -82,10 +94,15 @@ def curl_example(url: str, model: str, api_key: str | None) -> str:
     body = {
         "model": model,
         "max_tokens": 32,
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,IMAGE"}},
-            {"type": "text", "text": "What is in this image?"},
-        ]}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,IMAGE"}},
+                    {"type": "text", "text": "What is in this image?"},
+                ],
+            }
+        ],
     }
     payload = json.dumps(body).replace("IMAGE", "'\"$(base64 -w0 image.png)\"'")
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
@@ -99,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         "images, /v1/models, /health, /metrics). Unknown options pass through to vLLM.",
     )
     p.add_argument("checkpoint", help="model directory (e.g. the calibrator's output)")
-    p.add_argument("--preset", help=f"serving preset: {', '.join(available_presets())} or a .yaml "
-                   "(default: 1x3090 with CUDA, else cpu)")
+    p.add_argument(
+        "--preset",
+        help=f"serving preset: {', '.join(available_presets())} or a .yaml (default: 1x3090 with CUDA, else cpu)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("TLQ_API_KEY"), help="require this bearer token")
@@ -123,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd = vllm_command(checkpoint, args.host, args.port, args.api_key, preset, extra)
     env = {**os.environ, **{k: str(v) for k, v in preset["env"].items() if k not in os.environ}}
     url = f"http://{args.host}:{args.port}"
-    print(f"tlq serve: {checkpoint} at {url} (preset {args.preset or default_preset()}; ready when GET {url}/health "
-          "answers 200)")
+    print(
+        f"tlq serve: {checkpoint} at {url} (preset {args.preset or default_preset()}; ready when GET {url}/health "
+        "answers 200)"
+    )
     print(f"try it:\n{curl_example(url, str(checkpoint), args.api_key)}", flush=True)
     if args.dry_run:
         print(" ".join(cmd))

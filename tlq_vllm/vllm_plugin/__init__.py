@@ -11,8 +11,8 @@ PLUGIN_NAME = "tlq"
 
 def register() -> None:
     """Registers the `tlq` quantization config with vLLM once per process."""
-    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, register_quantization_config
     from vllm.model_executor.layers.quantization import _CUSTOMIZED_METHOD_TO_QUANT_CONFIG as registered
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, register_quantization_config
 
     from tlq_vllm.vllm_plugin.config import TLQConfig
 
