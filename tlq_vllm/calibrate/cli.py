@@ -7,6 +7,8 @@ With no arguments it calibrates the embedded default (see README) into out/, rep
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from dataclasses import fields
 
@@ -90,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--resume", action=argparse.BooleanOptionalAction, help="continue an interrupted run")
     ctl.add_argument("--log-json", help="write progress events as JSON lines to this file")
     ctl.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars (default on)")
+    dist = p.add_argument_group("several processes (docs/distributed.md)")
+    dist.add_argument("--nproc", type=int, help="run data-parallel over N local processes (launches torchrun)")
+    dist.add_argument("--collective-timeout", type=float,
+                      help=f"seconds a rank waits for the others before failing (default {d.collective_timeout:.0f})")
     return p
 
 
@@ -101,21 +107,72 @@ def config_from_args(argv: list[str]) -> CalibrationConfig:
     values.update(args)
     if not argv:  # the embedded default run: its own scratch output, replaced each time
         values["overwrite"] = True
+    values.pop("nproc", None)
     known = {f.name for f in fields(CalibrationConfig)}
     return CalibrationConfig(**{k: v for k, v in values.items() if k in known})
 
 
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """`--nproc N`: the same command under torchrun (one machine, N processes), without --nproc."""
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "tlq_vllm.calibrate", *rest]
+    return subprocess.call(cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
     from tlq_vllm.calibrate.data import DataError
+    from tlq_vllm.calibrate.distributed import shutdown
     from tlq_vllm.calibrate.pipeline import CalibrationError, run
 
     argv = sys.argv[1:] if argv is None else argv
+    rank = os.environ.get("RANK")
+    prefix = f"error (rank {rank}): " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else "error: "
+    signal.signal(signal.SIGTERM, _raise_terminated)  # torchrun stops the other ranks so: clean up first
     try:
+        args = vars(build_parser().parse_args(argv))
+        if args.get("nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+            return launch_torchrun(args["nproc"], argv)
         run(config_from_args(argv))
     except (ConfigError, DataError, CalibrationError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{prefix}{err}", file=sys.stderr)
         return 2
+    except torch_distributed_errors() as err:  # another rank failed or died: say so instead of a traceback
+        print(f"{prefix}a collective with the other ranks failed ({type(err).__name__}: "
+              f"{str(err).splitlines()[0] if str(err) else ''}); see the other ranks' errors", file=sys.stderr)
+        return 3
+    except Terminated:
+        print(f"{prefix}terminated (in a distributed run: another rank failed); nothing was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("error: interrupted; finished layers are kept: rerun with --resume to continue", file=sys.stderr)
+        print(f"{prefix}interrupted; finished layers are kept: rerun with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
     return 0
+
+
+class Terminated(Exception):
+    """SIGTERM, turned into an exception so that the staging directory is removed on the way out."""
+
+
+def _raise_terminated(_signum, _frame):
+    raise Terminated
+
+
+def torch_distributed_errors() -> tuple[type[BaseException], ...]:
+    """What a collective raises when a peer died, failed or timed out (only in a distributed run)."""
+    import torch.distributed as torch_dist
+
+    if os.environ.get("WORLD_SIZE", "1") == "1" or not torch_dist.is_available():
+        return ()
+    return (torch_dist.DistError,)

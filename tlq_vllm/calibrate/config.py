@@ -57,6 +57,8 @@ class CalibrationConfig:
     resume: bool = False
     log_json: str | None = None
     progress: bool = True
+    # distributed (torchrun): a collective that waits longer than this (a dead rank) fails the run
+    collective_timeout: float = 600.0
 
     def validate(self) -> CalibrationConfig:
         from tlq_vllm.calibrate.schemes import get_scheme
@@ -104,7 +106,7 @@ class CalibrationConfig:
 
     def fingerprint(self) -> str:
         """A hash of everything that changes the result (not run control), for resume and provenance."""
-        ignore = {"output", "overwrite", "resume", "log_json", "progress"}
+        ignore = {"output", "overwrite", "resume", "log_json", "progress", "collective_timeout"}
         payload = {k: v for k, v in asdict(self).items() if k not in ignore}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

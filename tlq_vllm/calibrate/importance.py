@@ -42,6 +42,10 @@ class TokenSet:
     def num_tokens(self) -> int:
         return sum(int(i.numel()) for i in self.indices)
 
+    def shard(self, dist) -> TokenSet:
+        """The part chosen over all samples that belongs to this rank's samples (tlq_vllm.calibrate.distributed)."""
+        return TokenSet(dist.shard(self.indices), dist.shard(self.weights))
+
 
 def answer_loss(hidden: torch.Tensor, final_norm, lm_head, roles: torch.Tensor, input_ids: torch.Tensor):
     """Cross-entropy of the answer tokens given everything before them; hidden is [1, T, H]."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tlq_vllm.calibrate.distributed import SINGLE, Dist
 from tlq_vllm.calibrate.gptq import HessianAccumulator, gptq_quantize
 from tlq_vllm.calibrate.importance import TokenSet
 from tlq_vllm.calibrate.quantizer import (
@@ -118,6 +119,7 @@ def calibrate_layer(
     device,
     fp_hiddens: list[torch.Tensor] | None = None,
     mode: str = "exposed",
+    dist: Dist = SINGLE,
 ) -> dict[str, LinearResult]:
     """Calibrates every linear of `layer` (already on `device`) group by group, in place.
 
@@ -128,6 +130,8 @@ def calibrate_layer(
     mode "asymmetric": minimise sum_t w_t ||W_hat x~_t - W x_t||^2, i.e. GPTQ on
       H = 2 sum w x~ x~^T with the target W' = W B H^-1, B = 2 sum w x x~^T (the square completed).
     After the call every linear's weight holds its dequantized value; results hold the integers.
+    With several ranks (dist), hiddens/kwargs/token sets are this rank's shard; Hessians are
+    summed over ranks, each linear is solved by one rank and its result broadcast.
     """
     if mode not in MODES:
         raise ValueError(f"unknown calibration mode {mode!r}; choose one of {MODES}")
@@ -138,8 +142,9 @@ def calibrate_layer(
     for group in groups:
         linears = [layer.get_submodule(n) for n in group]
         in_features = linears[0].in_features
-        hessians = {n: HessianAccumulator.zeros(in_features, device=device) for n in group}
-        cross = {n: torch.zeros(in_features, in_features, device=device) for n in group}
+        # float64 sums: rank order (or sample order) then cannot change the float32 H the solver sees
+        hessians = {n: HessianAccumulator.zeros(in_features, device=device, dtype=torch.float64) for n in group}
+        cross = {n: torch.zeros(in_features, in_features, device=device, dtype=torch.float64) for n in group}
         for s, kw in enumerate(kwargs):
             kw = to_device(kw, device)
             if mode == "fp":
@@ -158,13 +163,19 @@ def calibrate_layer(
                 idx, w = tokens.indices[s].to(device), tokens.weights[s].to(device)
                 hessians[name].add(x[idx], w)
                 if mode == "asymmetric":
-                    cross[name] += 2 * (x_fp[idx] * w[:, None]).T @ x[idx]  # [in, in]: sum w x x~^T
-        for name, linear in zip(group, linears, strict=True):
-            hessian = hessians[name].hessian
-            weight = linear.weight
+                    cross[name] += 2 * (x_fp[idx].double() * w[:, None]).T @ x[idx].double()  # sum w x x~^T
+        owners = dist.owners([lin.out_features * lin.in_features**2 for lin in linears])  # GPTQ cost ~ out * in^2
+        for name, linear, owner in zip(group, linears, owners, strict=True):
+            hessian = dist.all_reduce_sum(hessians[name].hessian).float()
             if mode == "asymmetric":
-                weight = asymmetric_target(originals[name].float(), hessian, cross[name], options.damp)
-            result = quantize_linear(weight, hessian, scheme, options, dtype)
+                dist.all_reduce_sum(cross[name])
+            result = None
+            if dist.rank == owner:
+                weight = linear.weight
+                if mode == "asymmetric":
+                    weight = asymmetric_target(originals[name].float(), hessian, cross[name].float(), options.damp)
+                result = quantize_linear(weight, hessian, scheme, options, dtype)
+            result = dist.broadcast(result, owner)
             linear.weight.data = dequantize(result.qweight.to(device), result.scales.to(device), scheme, dtype)
             results[name] = LinearResult(
                 result.qweight.cpu(), result.scales.cpu(), result.error_rtn, result.error, result.fallback_rtn

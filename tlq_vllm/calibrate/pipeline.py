@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from tlq_vllm import __version__
 from tlq_vllm.calibrate.config import CalibrationConfig, ConfigError
 from tlq_vllm.calibrate.data import DataError, build_sample, dataset_hash, load_records
+from tlq_vllm.calibrate.distributed import SINGLE, Dist, init_from_env
 from tlq_vllm.calibrate.importance import (
     all_tokens,
     gradient_importance,
@@ -55,10 +56,13 @@ class RunLog:
 
     path: str | None
     events: list[dict] = field(default_factory=list)
+    quiet: bool = False  # ranks other than 0 of a distributed run
 
     def event(self, kind: str, message: str | None = None, **data) -> None:
         record = {"event": kind, "time": round(time.time(), 3), **data}
         self.events.append(record)
+        if self.quiet:
+            return
         if message:
             tqdm.write(message)
         if self.path:
@@ -148,13 +152,15 @@ def peak_memory(device: torch.device) -> dict:
 class PartialRun:
     """Finished layers of an interrupted run, in the cache dir, keyed by the config fingerprint."""
 
-    def __init__(self, config: CalibrationConfig):
+    def __init__(self, config: CalibrationConfig, writer: bool = True):
         from tlq_vllm.testing.fixtures import cache_root
 
         self.dir = cache_root() / "runs" / config.fingerprint()
-        if not config.resume:
+        self.writer = writer  # one rank writes; all read (one machine, or a shared cache dir)
+        if writer and not config.resume:
             shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if writer:
+            self.dir.mkdir(parents=True, exist_ok=True)
 
     def finished_layers(self) -> dict[int, dict[str, LinearResult]]:
         from safetensors.torch import load_file
@@ -175,6 +181,8 @@ class PartialRun:
     def save_layer(self, l: int, results: dict[str, LinearResult]) -> None:
         from safetensors.torch import save_file
 
+        if not self.writer:
+            return
         tensors = {}
         for name, r in results.items():
             tensors[f"{name}.qweight"] = r.qweight.contiguous()
@@ -186,15 +194,20 @@ class PartialRun:
         os.replace(tmp, self.dir / f"layer_{l:03d}.json")  # the .json marks the layer finished
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.writer:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def check_output_free(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ConfigError(f"output {out_dir} exists and is not empty; pass --overwrite to replace it")
 
 
 @contextlib.contextmanager
 def staged_output(out_dir: Path, overwrite: bool):
     """Yields an empty staging directory beside `out_dir`; renames it into place on success and
     removes it on failure, so an output directory that exists is always complete."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise ConfigError(f"output {out_dir} exists and is not empty; pass --overwrite to replace it")
+    check_output_free(out_dir, overwrite)
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -225,14 +238,18 @@ def run(config: CalibrationConfig) -> Path:
     started = time.time()
     scheme = get_scheme(config.scheme)
     device = resolve_device(config.device)
-    log = RunLog(config.log_json)
-    if config.log_json:
+    dist = init_from_env(device.type, config.collective_timeout)
+    if not dist.is_main:
+        config.progress = False
+    log = RunLog(config.log_json if dist.is_main else None, quiet=not dist.is_main)
+    if config.log_json and dist.is_main:
         Path(config.log_json).unlink(missing_ok=True)
     torch.manual_seed(config.seed)
     out_dir = config.output_dir()
+    check_output_free(out_dir, config.overwrite)  # on every rank, before any collective
     model_ref = resolve_model(config.model)
 
-    with staged_output(out_dir, config.overwrite) as staging:
+    with staged_output(out_dir, config.overwrite) if dist.is_main else contextlib.nullcontext() as staging:
         model, processor, adapter = load_model(model_ref, config)
         check_shapes(model, adapter, scheme)
         if config.quantize_vision and adapter.vision_quantization_unsupported:
@@ -255,7 +272,8 @@ def run(config: CalibrationConfig) -> Path:
             act_order=config.act_order,
             clip_search=config.clip_search,
         )
-        partial = PartialRun(config)
+        partial = PartialRun(config, writer=dist.is_main)
+        dist.barrier()  # rank 0 has cleared stale partial results before anyone reads them
         finished = partial.finished_layers() if config.resume else {}
         if finished:
             log.event("resume", f"resuming: layers {sorted(finished)} already calibrated", layers=sorted(finished))
@@ -274,7 +292,7 @@ def run(config: CalibrationConfig) -> Path:
             else:
                 records, samples = prepare_samples(model, processor, config, log)
                 results, vision_results, provenance_extra = calibrate_model(
-                    model, adapter, samples, scheme, options, config, device, log, partial, finished
+                    model, adapter, samples, scheme, options, config, device, log, partial, finished, dist
                 )
         except torch.OutOfMemoryError as err:
             raise CalibrationError(
@@ -308,9 +326,13 @@ def run(config: CalibrationConfig) -> Path:
             "memory": memory,
             "wall_time_s": round(time.time() - started, 2),
         }
-        export(model, adapter, scheme, results, vision_results, model_ref, staging, provenance)
-    partial.remove()
-    print_summary(results, provenance, out_dir, log)
+        provenance["ranks"] = dist.world
+        if dist.is_main:
+            export(model, adapter, scheme, results, vision_results, model_ref, staging, provenance)
+    dist.barrier()
+    if dist.is_main:
+        partial.remove()
+        print_summary(results, provenance, out_dir, log)
     return out_dir
 
 
@@ -354,20 +376,28 @@ def greedy_answer(model, processor, record, config: CalibrationConfig, max_new_t
     return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def calibrate_model(model, adapter, samples, scheme, options, config, device, log, partial, finished):
-    """Catch layer-0 inputs, importance (tlq/mbq), then calibrate layer by layer on the exposed path."""
+
+def calibrate_model(model, adapter, all_samples, scheme, options, config, device, log, partial, finished,
+                    dist: Dist = SINGLE):
+    """Catch layer-0 inputs, importance (tlq/mbq), then calibrate layer by layer on the exposed path.
+
+    With several ranks, this rank catches and pushes only its shard of the samples; importance is
+    gathered so that integration and token selection see every token, exactly as one process.
+    """
     layers = adapter.layers(model)
     names = target_linears(adapter)
+    samples = dist.shard(all_samples)
     caught = []
     with pre_decoder_on_device(model, adapter.decoder_layers, device):
         for sample in tqdm(samples, desc="catch layer-0 inputs", disable=not config.progress, leave=False):
             caught.append(catch_layer_inputs(model, layers, {k: v.to(device) for k, v in sample.inputs.items()}))
-    roles = [s.roles for s in samples]
+    roles = [s.roles for s in all_samples]  # every sample's, for statistics over all tokens
+    local_roles = dist.shard(roles)
     kwargs = [c.kwargs for c in caught]
     extra: dict = {}
 
     token_sets_for_layer = lambda l: lambda name: uniform  # noqa: E731
-    uniform = all_tokens(roles)
+    uniform = all_tokens(local_roles)
     if config.method in ("tlq", "mbq"):
         t0 = time.time()
         raw, losses, decoder_input_grads = gradient_importance(
@@ -376,12 +406,14 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
             model.get_submodule(adapter.lm_head),
             names,
             caught,
-            roles,
+            local_roles,
             [s.inputs["input_ids"][0] for s in samples],
             device=device,
             granularity=config.importance_granularity,
             progress=config.progress,
         )
+        raw = [{n: dist.gather_samples(per[n], len(all_samples)) for n in names} for per in raw]
+        losses = dist.gather_samples(losses, len(all_samples))
         extra["importance"] = {
             "granularity": config.importance_granularity,
             "mean_answer_loss": sum(losses) / len(losses),
@@ -397,7 +429,8 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
                 }
                 for l in range(len(layers))
             ]
-            token_sets_for_layer = lambda l: sets[l].__getitem__  # noqa: E731
+            local_sets = [{n: ts.shard(dist) for n, ts in per.items()} for per in sets]
+            token_sets_for_layer = lambda l: local_sets[l].__getitem__  # noqa: E731
             kept = sum(sets[0][n].num_tokens for n in names) / len(names)
             log.event(
                 "importance",
@@ -408,7 +441,7 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
         else:
             ratios = mbq_ratios(raw, roles)
             extra["mbq_vision_weights"] = ratios
-            mbq_sets = [modality_tokens(roles, r) for r in ratios]
+            mbq_sets = [modality_tokens(local_roles, r) for r in ratios]
             token_sets_for_layer = lambda l: lambda name: mbq_sets[l]  # noqa: E731
             log.event(
                 "importance", f"mbq: vision/answer weights per layer {[round(r, 3) for r in ratios]}", ratios=ratios
@@ -419,7 +452,9 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
         from tlq_vllm.calibrate.vision import calibrate_vision, vision_linear_names
 
         grads = decoder_input_grads if config.method == "tlq" else None
-        vision_results = calibrate_vision(model, adapter, samples, scheme, options, config, device, log, grads)
+        vision_results = calibrate_vision(
+            model, adapter, samples, scheme, options, config, device, log, grads, dist, len(all_samples)
+        )
         extra["vision_layers"] = [
             {
                 name: {"weighted_error_rtn": r.error_rtn, "weighted_error": r.error, "fallback_rtn": r.fallback_rtn}
@@ -455,7 +490,7 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
             t0 = time.time()
             next_fp = run_layer(layer, fp_hiddens, kwargs, device) if fp_hiddens is not None else None
             if config.smoothquant_alpha is not None:
-                smooth_layer(layer, adapter, hiddens, kwargs, config.smoothquant_alpha, device)
+                smooth_layer(layer, adapter, hiddens, kwargs, config.smoothquant_alpha, device, dist)
             if l in finished:
                 results[l] = finished[l]
                 apply_results(layer, results[l], scheme)
@@ -471,6 +506,7 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
                     device=device,
                     fp_hiddens=fp_hiddens,
                     mode=mode,
+                    dist=dist,
                 )
                 partial.save_layer(l, results[l])
                 before = sum(r.error_rtn for r in results[l].values())
@@ -492,7 +528,7 @@ def calibrate_model(model, adapter, samples, scheme, options, config, device, lo
     return results, vision_results, extra
 
 
-def smooth_layer(layer, adapter, hiddens, kwargs, alpha: float, device) -> None:
+def smooth_layer(layer, adapter, hiddens, kwargs, alpha: float, device, dist: Dist = SINGLE) -> None:
     """SmoothQuant on this layer's norm -> linear pairs, from the layer's (quantized-path) inputs."""
     from tlq_vllm.calibrate.smoothquant import fold_smoothing, smoothing_scales
     from tlq_vllm.calibrate.streaming import capture_linear_inputs, to_device
@@ -505,7 +541,7 @@ def smooth_layer(layer, adapter, hiddens, kwargs, alpha: float, device) -> None:
             x = capture_linear_inputs(layer, group, hidden.to(device), to_device(kw, device))  # [T, in]
             m = x.float().abs().amax(dim=0)
             absmax = m if absmax is None else torch.maximum(absmax, m)
-        s = smoothing_scales(absmax, [lin.weight for lin in linears], alpha)
+        s = smoothing_scales(dist.all_reduce_max(absmax), [lin.weight for lin in linears], alpha)
         fold_smoothing(layer.get_submodule(norm_name), linears, s)
 
 

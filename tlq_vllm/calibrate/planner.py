@@ -2,74 +2,76 @@
 
 `plan(config_json, ...)` predicts, per rank, the peak bytes of every stage of
 `python -m tlq_vllm.calibrate` (pipeline.py) without loading weights, says whether they fit the
-given budgets, and when they do not, suggests settings that do. The model is the code as it
-is, term by term (docs/planner.md-style equations are in the docstrings below and in
-`format_plan(plan, verbose=True)`): weights on the host, one decoder layer on the device at a
-time, samples one at a time (batch 1).
+given budgets and, when they do not, suggests settings that do. It models the code as it is:
+weights on the host, one decoder layer on the device at a time, samples one at a time (batch 1).
+`format_plan(plan, verbose=True)` prints every term.
 
-Notation: P parameters (dtype bytes b, 2 for bf16/fp16), L decoder layers, H hidden size,
+Notation: P parameters (b bytes each: 2 for bf16/fp16), L decoder layers, H hidden size,
 q = heads * head_dim, kv = kv_heads * head_dim, I intermediate size, V vocabulary, n_lin = 7
-linears per layer, S samples per rank = ceil(num_samples / nproc), T tokens per sample
-(= max_seq_len: every sample is planned at the longest length the run accepts), Tv vision tokens
-per sample (default T - 64: the image fills the sample), Np vision-tower patches (4 Tv for
-Qwen2-VL/2.5-VL's 2x2 merge, Tv for LLaVA-OneVision's SigLIP). Device peaks are what
-`torch.cuda.max_memory_allocated` would report; the fit check adds `device_reserve_bytes`
-(CUDA context, cuBLAS/cuSOLVER workspaces, allocator fragmentation). Host peaks are resident
-memory (RSS) of one rank.
+linears per layer, P_lin their parameters in all layers, S samples per rank =
+ceil(num_samples / nproc), T tokens per sample (= max_seq_len: every sample is planned at the
+longest length the run accepts), Tv vision tokens per sample (default T - 64: the image fills
+the sample), Np vision-tower patches (4 Tv for Qwen2-VL/2.5-VL's 2x2 merge, Tv for SigLIP), E / M
+/ L_v the tower's width / MLP width / depth. Device peaks are what torch.cuda.max_memory_allocated
+would report; `fits` adds Assumptions.device_reserve_bytes (CUDA context, library workspaces,
+fragmentation). Host peaks are the resident memory of one rank; budgets are per node.
 
-Stages and their peaks (per rank):
-
-- load: host = runtime + P b. Device 0.
-- catch (pipeline._pre_decoder_on + streaming.catch_layer_inputs): everything but the decoder
-  layers (vision tower, projector, embeddings, lm_head, final norm) moves to the device;
-  device = those weights + one sample's vision-tower forward (pixels in float32, per-block
-  transients ~ Np (14 E + 2 M) 2 bytes for a Qwen block of width E and MLP width M; SigLIP also
-  keeps all L_v + 1 hidden states, output_hidden_states=True) + a few [T, H] text tensors.
-  Host = weights + S (sample inputs: T 25 bytes of ids/masks + Tv pixel bytes) + S T (H b + 4
-  head_dim + 16) (the caught layer-0 hidden states and rotary cos/sin kwargs).
-- importance forward (importance.gradient_importance, tlq/mbq only): host adds the stored
-  input of EVERY layer for every sample: (L + 1) S T H b in total. Device = one layer (b) + one
-  sample's no-grad layer forward ~ T (4 H + 2 q + 2 kv + 3 I) b.
+- load: host = runtime + P b.
+- catch (pre_decoder_on_device + catch_layer_inputs): everything but the decoder layers moves to
+  the device. Device = (P - L * layer) b + pixels (float32 copy + cast) + the tower's forward
+  (Qwen: 36 E bytes a patch, the float32 rotary copies of q and k; SigLIP: ((L_v + 2) E + 2 M) b a
+  patch, since all hidden states are kept) + 4 T H b of text embeddings.
+  Host = weights + (25 T + pixel bytes) per prepared sample + S T (H b + 4 head_dim + 16) of caught
+  layer-0 inputs (hidden states, rotary cos/sin).
+- importance forward (gradient_importance; tlq and mbq only): device = layer b + T (H + max(2 H
+  + 3 I, H + 4 q + 3 kv)) b. Host adds the stored input of EVERY layer: L S T H b more.
 - importance backward: device = max(
-    loss phase: lm_head and final norm up-cast to float32 (V H 6 while casting, then V H 4)
-    + logits and their gradient 2 T V 4 + log-softmax of the answer rows,
-    layer phase: one layer in float32 (4 bytes/param) + the autograd activations of one sample
-    in float32: T (12 H + 5 q + 5 kv + 8 I) 4 with per-linear hooks (granularity "linear"),
-    T (10 H + 4 q + 3 kv + 6 I) 4 with granularity "layer").
-  Host = importance forward + the output gradients S T H 4 + the per-token importances
-  S T L n_lin 4 + the lm_head's float32 round trip through the host (V H 4, transient).
-- calibrate layer (layerwise.calibrate_layer + gptq.gptq_quantize): per group of linears
-  sharing an input (q,k,v -> o -> gate,up -> down), with in = the group's input width:
-    statistics: n_g Hessians in^2 4 (+ n_g cross matrices in^2 4: layerwise allocates them in
-      every mode, see `Assumptions.cross_always`) + one [in, in] matmul result + the previous
-      group's last Hessian (still referenced) + one sample's captured input T in (2 + 4 + 4 + 4);
-    solve (per linear [out, in]): the group's matrices + max(5 in^2 4 + 2 out in 4 (GPTQ's H
-      copy, damped copy, Cholesky factor, its inverse and upper factor, weight copies),
-      2 in^2 4 + 8 out in 4 (the error report), 3 in^2 4 + 2 out in 4 (asymmetric target)).
-  Device = layer (b) + a clone of its linear weights (b) + the largest group peak: for large
-  models the GPTQ solve of mlp.down_proj (in = I) dominates and does NOT shrink with fewer
-  samples, shorter sequences or more ranks. Host = weights + sample inputs + the hidden states
-  (3 S T H b: caught layer-0 inputs, this layer's inputs and outputs; 5 with --no-exposure or
-  --asymmetric-target, which stream the FP path too) + importances and integrated scores
-  (2 S T L n_lin 4) + token sets (indices int64 + weights float32 for at most (rho + floor)
-  of the tokens: 0.6 T 12 per linear per layer per sample) + the results of all layers
-  (int8 [out, in] + float32 scales: P_lin (1 + 4 / group)).
-- export (export.write_checkpoint): host = weights + sample inputs + results + the compressed
-  tensors (packed: bits / 8 bytes per weight; int-quantized: 1) + one linear's dense float32
-  copy; for LLaVA-OneVision `rename_saved_keys` re-reads the written shard (+ its size).
+    loss phase: lm_head up-cast to float32 (V H (b + 4) while casting) + logits and their
+    gradient 2 T V 4,
+    layer phase: the layer in float32 (4 bytes a parameter) + 4 T (max(2 H + 2 q + 2 kv + 6 I,
+    7 H + 2 q + 2 kv + h, 3 H + 3 q + 3 kv + h) + 2 H + 2 head_dim), with h = 2 I for per-linear
+    hooks (granularity "linear"), 0 for "layer"; parameters need no gradients).
+  Host adds the output gradients S T H 4, the importances S T L n_lin 4 and the lm_head's
+  float32 round trip through the host (V H 4).
+- calibrate layer (layerwise.calibrate_layer, gptq.gptq_quantize), per group of linears sharing
+  an input of width `in` (q,k,v -> o -> gate,up -> down), per linear [out, in]:
+    group matrices G = n_g in^2 8 (float64 Hessians) x 2 (float64 cross matrices: layerwise
+      allocates them in every mode; Assumptions.hessian_bytes, cross_always);
+    statistics = G + the previous group's float32 H + one in^2 8 product + the forward
+      + T in (b + 24) of capture;
+    solve = G + in^2 4 (the summed H in float32) + max(5.75 in^2 4 + 2 out in 4, 2 in^2 4
+      + 8 out in 4) + T in 4 (GPTQ's H clone, damped copy, Cholesky factor, upper factor of the
+      inverse and torch.isfinite's temporaries; then the error report).
+  Device = layer b + a clone of its linear weights (b) + the largest of those. For large models
+  the solve of mlp.down_proj (in = I) dominates and does NOT shrink with fewer samples, shorter
+  sequences or more ranks. Host = weights + sample inputs + 3 S T H b of hidden states (caught
+  layer-0 inputs, this layer's inputs and outputs; 5 with --no-exposure or --asymmetric-target,
+  which stream the FP path too) + dL/dh_0 S T H 4 (gradient_importance returns it) + importances
+  and integrated scores 2 N_s T L n_lin 4 + token sets 0.6 T 12 L n_lin N_s (int64 indices +
+  float32 weights for at most rho + floor of the tokens; N_s = all samples: they are gathered)
+  + results P_lin (1 + 4 / group) (int8 + scales).
+- export (export.write_checkpoint): host = weights + sample inputs + results + compressed tensors
+  (P_lin bits / 8 packed, P_lin for int-quantized) + one linear in float32. (LLaVA-OneVision's
+  `rename_saved_keys` re-reads the written shards through mmap: page cache, reclaimable, not
+  counted.)
 
-Multi-rank (--nproc N, data parallel over samples, issue 5): samples are sharded, S =
-ceil(num_samples / N); partial Hessians are all-reduced in place; each GPTQ solve runs on one
-rank, so per-rank device peaks do not shrink with N (they are per sample and per layer).
-Assumptions (see `Assumptions`): every rank loads its own copy of the weights (what
-`from_pretrained` does per process; `host_weights="shared"` models one copy per node, e.g. a
-shared read-only mmap); every rank keeps all layers' results (they are broadcast); importance
-statistics are reduced across ranks without gathering the per-token arrays. Host budgets are
-per node: `ranks_per_node` ranks (default all N) share `host_mem_bytes`.
+The activation coefficients were measured on CPU with an allocation tracker (tests/test_planner.py
+checks the fixtures' importance-backward and calibrate-layer peaks within 15%); on CUDA the same
+ATen ops run, but sdpa kernels, cuBLAS/cuSOLVER workspaces and the caching allocator differ: the
+first GPU run should compare torch.cuda.max_memory_allocated with these numbers.
 
-Not modeled: greedy answer generation for records without an answer (a CPU `generate` of the
-whole model), --quantize-vision (refused by the CLI), --smoothquant-alpha captures (small),
-transient page cache of the safetensors files while loading.
+Multi-rank (--nproc N; distributed.py, data parallel over samples): each rank catches and pushes
+its shard (S = ceil(num_samples / N)); partial Hessians are all-reduced in place; each GPTQ solve
+runs on one rank, so device peaks do not shrink with N. Host, as implemented (`Assumptions`):
+every rank loads its own copy of the weights (host_weights="shared" models one copy per node),
+prepares every sample's inputs (samples_on_every_rank), gathers every sample's per-token
+importances and token sets (importance_gathered) and keeps all layers' integers
+(results_on_every_rank); only rank 0 exports. `ranks_per_node` ranks (default all N) share
+`host_mem_bytes`. `LEAN` is the variant worth building (float32 Hessians, no unused cross
+matrices, in-place factorisations, shared weights): pass `assumptions=LEAN` to see its peaks.
+
+Not modeled: greedy answers for records without one (a CPU `generate` of the whole model),
+--quantize-vision, SmoothQuant's captures (small), the page cache of the safetensors files.
 """
 
 from __future__ import annotations
@@ -303,15 +305,29 @@ class Assumptions:
     host_runtime_bytes: int = int(1.5 * GiB)  # python + torch + transformers + CUDA runtime of one process
     host_weights: str = "per-rank"  # "per-rank": each rank's own copy; "shared": one copy per node
     cross_always: bool = True  # layerwise.calibrate_layer allocates the [in, in] cross matrices in every mode
-    solver_inin_copies: int = 5  # [in, in] float32 copies alive inside gptq_quantize at its Cholesky peak
+    hessian_bytes: int = 8  # layerwise accumulates Hessians (and cross matrices) in float64
+    hessian_float32_copy: bool = True  # ... and hands the solver a float32 copy of each summed Hessian
+    # [in, in] float32 copies alive inside gptq_quantize at its peak: H's clone, the damped copy, the
+    # Cholesky factor, the upper factor of the inverse, and torch.isfinite(U)'s abs + 3 bool temporaries
+    # (1.75); measured on CPU (tests/test_planner.py). A lean solver (in-place factorisations) needs ~2.
+    solver_inin_copies: float = 5.75
     text_tokens: int = 64  # non-vision tokens of a sample (system prompt, question, answer)
     attn_implementation: str = "sdpa"  # "sdpa" (no T^2 buffers) or "eager" (materialised attention)
     keep_fraction: float = 0.6  # token-set bound: rho + modality floor (defaults 0.5 + 0.1)
-    results_on_every_rank: bool = False  # False: only rank 0 (the exporter) keeps the layers' integers
+    results_on_every_rank: bool = True  # every rank keeps the broadcast integers (only rank 0 exports)
+    samples_on_every_rank: bool = True  # every rank prepares all samples' inputs (distributed.py)
+    importance_gathered: bool = True  # per-token importances of all samples are gathered on every rank
 
+
+
+# The defaults model the calibrator as it is; LEAN, a variant worth building: float32 Hessians, cross
+# matrices only for --asymmetric-target, in-place factorisations in the solver (2 [in, in] copies), one
+# shared copy of the weights per node, the integers kept by rank 0 only.
+LEAN = Assumptions(cross_always=False, hessian_bytes=4, hessian_float32_copy=False, solver_inin_copies=2,
+                   host_weights="shared", results_on_every_rank=False)
 
 # Host parts that only rank 0 holds (it writes the checkpoint); the other ranks hold the rest.
-RANK0_PARTS = ("results", "compressed tensors", "dense copy", "shard re-read (key renames)")
+RANK0_PARTS = ("results", "compressed tensors", "dense copy")
 
 
 @dataclass
@@ -406,39 +422,49 @@ def _vision_tokens(dims: ModelDims, tokens: int, given: int | None, a: Assumptio
 
 
 def _catch_device(d: ModelDims, T: int, Tv: int, a: Assumptions) -> dict[str, int]:
+    """One sample through the vision tower and the embedding merge (no grad)."""
     v, b = d.vision, d.dtype_bytes
     patches = Tv * v.merge**2
     if v.kind == "siglip":
-        pixel_bytes = Tv * v.pixels_per_token * v.in_channels * 4
-        tower = patches * (10 * v.width + 2 * v.mlp) * b + (v.depth + 1) * patches * v.width * b
+        pixels = Tv * v.pixels_per_token * v.in_channels  # the anyres tiles' pixels, per vision token
+        # all depth + 1 hidden states are kept (output_hidden_states) + LayerNorm out + fc1 and GELU out
+        tower = patches * ((v.depth + 2) * v.width + 2 * v.mlp) * b
         attn_len = (v.image_size // v.patch) ** 2  # attention within a 384-pixel tile
         attn = v.heads * patches * attn_len * 4 * 2 if a.attn_implementation == "eager" else 0
     else:
-        pixel_bytes = patches * v.in_channels * v.temporal_patch * v.patch**2 * 4
-        mlp_tensors = 2 if v.kind == "qwen2_vl" else 3
-        tower = patches * (14 * v.width + mlp_tensors * v.mlp) * b
+        pixels = patches * v.in_channels * v.temporal_patch * v.patch**2
+        # the peak is the float32 rotary embedding of q and k in a block's attention: ~36 E bytes a patch
+        tower = patches * 36 * v.width
         attn = v.heads * patches**2 * 4 * 2 if a.attn_implementation == "eager" else 0
     return {
         "vision tower, projector, embeddings, lm_head": d.non_decoder_params * b,
-        "pixels": pixel_bytes * 3 // 2,  # float32 on the device + the tower's dtype cast
+        "pixels (float32)": pixels * 4,
+        "pixels (cast)": pixels * b,
         "vision forward": tower + attn,
         "text embeddings": 4 * T * d.hidden * b,
     }
 
 
 def _forward_act(d: ModelDims, T: int, a: Assumptions) -> int:
-    """One sample through one decoder layer without grad (model dtype)."""
+    """One sample through one decoder layer without grad (model dtype): the input copy and the
+    larger of the attention (q/k/v and their rotary copies) and MLP (act, up, act * up) phases."""
     H, q, kv, I, b = d.hidden, d.q_dim, d.kv_dim, d.intermediate, d.dtype_bytes
     attn = d.heads * T * T * (b + 4) if a.attn_implementation == "eager" else 0
-    return T * (4 * H + 2 * q + 2 * kv + 3 * I) * b + attn
+    return T * (H + max(2 * H + 3 * I, H + 4 * q + 3 * kv)) * b + attn
 
 
 def _backward_act(d: ModelDims, T: int, granularity: str, a: Assumptions) -> int:
-    """One sample's float32 autograd activations, captured output gradients and backward transients."""
+    """One sample's float32 autograd activations, captured output gradients and backward
+    transients for one layer (parameters need no gradients, so linear inputs are not saved):
+    the larger of the MLP backward (2 H + 2 q + 2 kv + 6 I floats a token), the post-attention
+    RMSNorm backward (7 H + 2 q + 2 kv) and the attention backward (3 H + 3 q + 3 kv); per-linear
+    hooks keep gate/up's output gradients (+2 I) past the MLP. Plus the float32 input, the
+    incoming gradient and cos/sin. Coefficients measured on CPU (tests/test_planner.py)."""
     H, q, kv, I = d.hidden, d.q_dim, d.kv_dim, d.intermediate
-    per_token = (12 * H + 5 * q + 5 * kv + 8 * I) if granularity == "linear" else (10 * H + 4 * q + 3 * kv + 6 * I)
+    hooks = 2 * I if granularity == "linear" else 0
+    per_token = max(2 * H + 2 * q + 2 * kv + 6 * I, 7 * H + 2 * q + 2 * kv + hooks, 3 * H + 3 * q + 3 * kv + hooks)
     attn = d.heads * T * T * 4 * 3 if a.attn_implementation == "eager" else 0
-    return T * per_token * 4 + attn + 2 * T * d.head_dim * 4  # + float32 cos/sin
+    return T * (per_token + 2 * H + 2 * d.head_dim) * 4 + attn
 
 
 def _loss_device(d: ModelDims, T: int, a: Assumptions) -> int:
@@ -451,33 +477,45 @@ def _loss_device(d: ModelDims, T: int, a: Assumptions) -> int:
 
 def _calibrate_device(d: ModelDims, T: int, scheme: str, method: str, asymmetric: bool,
                       a: Assumptions) -> tuple[int, str]:
-    """Peak of calibrate_layer's group loop above the layer and its weight clone; and which linear."""
+    """Peak of calibrate_layer's group loop above the layer and its weight clone; and which linear.
+
+    Per group (in = its input width, n its linears): the accumulators G = n in^2 hb (Hessians) +
+    n in^2 hb (cross matrices) with hb = Assumptions.hessian_bytes; the solver gets a float32 copy
+    of each summed Hessian. Phases: allocation (the previous group's matrices are still referenced
+    while the new ones are allocated), statistics (one sample's capture and the float64 product),
+    solve (the float32 H, GPTQ's copies, the error report's [out, in] temporaries)."""
     shapes = d.linear_shapes()
-    b, a8 = d.dtype_bytes, SCHEME_BITS[scheme][2] is not None
+    b, a8, hb = d.dtype_bytes, SCHEME_BITS[scheme][2] is not None, a.hessian_bytes
     solve = method not in ("rtn", "smoothquant")
     cross = 1 if (a.cross_always or asymmetric) else 0
+    h32 = 1 if a.hessian_float32_copy else 0
     fwd = _forward_act(d, T, a)
     peak, where, prev_in, prev_n = 0, "", 0, 0
     for group in DECODER_GROUPS:
-        in_f = shapes[group[0]][1]
-        inin, prev_inin = in_f * in_f * 4, prev_in * prev_in * 4
-        mats = len(group) * inin * (1 + cross)
-        alloc = mats + (prev_n * cross + 1) * prev_inin if prev_n else mats
-        capture = T * in_f * (b + 4 + 4 + 4) + (2 * T * in_f * 4 if a8 else 0)  # x, x.float(), x[idx], sqrt(w) x
+        n, in_f = len(group), shapes[group[0]][1]
+        sq, prev_sq = in_f * in_f, prev_in * prev_in
+        hess, crosses = n * sq * hb, n * sq * hb * cross
+        prev_hess, prev_cross, prev_h32 = prev_n * prev_sq * hb, prev_n * prev_sq * hb * cross, prev_sq * 4 * h32
+        alloc = max(prev_hess + prev_cross + hess, prev_cross + hess + crosses) + prev_h32
+        mats = hess + crosses
+        # one sample: x in the model dtype, x.float(), x[idx], and the accumulator's copies of it
+        capture = T * in_f * (b + 4 + 4 + 2 * hb) + (2 * T * in_f * 4 if a8 else 0)
         if asymmetric:
-            capture += T * in_f * 4 * 2 + inin  # the FP-path capture and the cross product
-        stats = mats + prev_inin + inin + fwd + capture
+            capture += T * in_f * (4 + 2 * 8) + sq * 8  # the FP-path capture and the float64 cross product
+        stats = mats + prev_h32 + sq * hb + fwd + capture
         cand = [(alloc, group[0]), (stats, group[0])]
         for name in group:
             out_f = shapes[name][0]
             W = out_f * in_f * 4
-            gptq = max(a.solver_inin_copies * inin + 2 * W, 2 * inin + 8 * W) if solve else 6 * W
-            asym = 3 * inin + 2 * W if asymmetric else 0
-            cand.append((mats + max(gptq, asym), name))
+            inin = sq * 4
+            gptq = max(int(a.solver_inin_copies * inin) + 2 * W, 2 * inin + 8 * W) if solve else 6 * W
+            asym = (4 * inin + 2 * W) if asymmetric else 0  # cross.float(), H + damp I, the LU of solve, eye
+            last_x = T * in_f * 4 * (2 if asymmetric else 1)  # the last sample's capture is still referenced
+            cand.append((mats + h32 * inin + max(gptq, asym) + last_x, name))
         for value, name in cand:
             if value > peak:
                 peak, where = value, name
-        prev_in, prev_n = in_f, len(group)
+        prev_in, prev_n = in_f, n
     return peak, where
 
 
@@ -531,13 +569,16 @@ def plan(
 
     weights = d.total_params * b
     layer = d.layer_params * b
-    sample_inputs = S * (T * 25 + Tv * d.vision.pixels_per_token * d.vision.in_channels * 4) if uses_data else 0
+    prepared = num_samples if (a.samples_on_every_rank or nproc == 1) else S  # samples whose inputs a rank holds
+    sample_inputs = prepared * (T * 25 + Tv * d.vision.pixels_per_token * d.vision.in_channels * 4) if uses_data else 0
     hidden = S * T * H * b  # one copy of every sample's hidden states
     kwargs = S * T * (4 * d.head_dim + 16)
     base_host = {"runtime": a.host_runtime_bytes, "weights": weights}
     scales = 4 * (1 / group if group else 1 / d.hidden)
     results = int(d.quantized_params * (1 + scales))
-    imp = S * T * L * N_LINEARS * 4
+    imp = S * T * L * N_LINEARS * 4  # this rank's per-token importances
+    gathered = num_samples if (a.importance_gathered or nproc == 1) else S  # samples integrated on a rank
+    imp_all = gathered * T * L * N_LINEARS * 4
 
     # stage, device parts, host parts, bytes of device parts that are host tensors moved (not copied), skipped
     rows: list[tuple[str, dict, dict, dict, bool]] = []
@@ -546,7 +587,8 @@ def plan(
     if uses_data:
         dev = _catch_device(d, T, Tv, a)
         rows.append(("catch", dev, {**base_host, "sample inputs": sample_inputs, "layer-0 inputs": hidden + kwargs},
-                     {"vision tower, projector, embeddings, lm_head": d.non_decoder_params * b}, False))
+                     {"vision tower, projector, embeddings, lm_head": d.non_decoder_params * b,
+                      "pixels (float32)": dev["pixels (float32)"]}, False))
     else:
         rows.append(("catch", {}, dict(base_host), {}, True))
 
@@ -556,7 +598,7 @@ def plan(
         dev = {"layer": layer, "activations": _forward_act(d, T, a)}
         rows.append(("importance forward", dev, host_fwd, {"layer": layer}, False))
         loss = _loss_device(d, T, a)
-        layer_phase = d.layer_params * 4 + _backward_act(d, T, importance_granularity, a) + 3 * T * H * 4
+        layer_phase = d.layer_params * 4 + _backward_act(d, T, importance_granularity, a)
         if loss > layer_phase:
             dev = {"lm_head + logits (float32)": loss}
         else:
@@ -575,16 +617,18 @@ def plan(
     if uses_data:
         peak, where = _calibrate_device(d, T, scheme, method, asymmetric_target, a)
         dev = {"layer": layer, "weight clone": d.layer_linear_params * b, f"Hessians + solve ({where})": peak}
+        if device == "cpu":  # the layer's integers stay where they were computed (on a GPU they go to the host)
+            dev["layer results"] = d.layer_linear_params
         copies = 5 if (asymmetric_target or not exposure) else 3
         host = {**base_host, "sample inputs": sample_inputs, "hidden states": copies * hidden + kwargs,
                 "results": results}
         if uses_importance:  # gradient_importance returns dL/dh_0 per sample; calibrate_model keeps it
             host["decoder-input gradients"] = S * T * H * 4
         if method == "tlq":
-            host["importances + scores"] = 2 * imp
-            host["token sets"] = int(S * T * a.keep_fraction * 12 * L * N_LINEARS)
+            host["importances + scores"] = 2 * imp_all
+            host["token sets"] = int(gathered * T * a.keep_fraction * 12 * L * N_LINEARS)
         elif method == "mbq":
-            host["importances"] = imp
+            host["importances"] = imp_all
         rows.append(("calibrate layer", dev, host, {"layer": layer}, False))
     else:
         largest = max(o * i for o, i in d.linear_shapes().values())
@@ -597,8 +641,6 @@ def plan(
     largest = max(o * i for o, i in d.linear_shapes().values())
     host = {**base_host, "sample inputs": sample_inputs, "results": results, "compressed tensors": compressed,
             "dense copy": largest * 4}
-    if d.model_type == "llava_onevision":
-        host["shard re-read (key renames)"] = weights - d.quantized_params * b + compressed
     rows.append(("export", {}, host, {}, False))
 
     stages = []
@@ -636,10 +678,10 @@ def _notes(p: Plan) -> list[str]:
     d, a, notes = p.dims, p.assumptions, []
     cal = p.stage("calibrate layer")
     if cal.device_bytes and not cal.skipped:
-        notes.append(f"calibrate layer: {cal.device_binding} is the largest part; the GPTQ solve holds "
-                     f"{a.solver_inin_copies} float32 [in, in] copies (+ Hessians"
-                     + (" and cross matrices" if a.cross_always else "") + "); it does not shrink with "
-                     "fewer samples, shorter sequences or more ranks")
+        accumulators = f"float{8 * a.hessian_bytes} Hessians" + (" and cross matrices" if a.cross_always else "")
+        notes.append(f"calibrate layer: {cal.device_binding} is the largest part: {accumulators}, and "
+                     f"{a.solver_inin_copies:g} float32 [in, in] copies inside the GPTQ solve; it does not "
+                     "shrink with fewer samples, shorter sequences or more ranks")
     if p.settings["nproc"] > 1:
         notes.append(f"{p.settings['nproc']} ranks: {p.samples_per_rank} samples per rank; weights "
                      + ("shared once per node" if a.host_weights == "shared" else "loaded by every rank")
@@ -748,10 +790,15 @@ def suggestions(config_json: dict, p: Plan, *, max_ranks: int = 8) -> list[Sugge
         if q.fits_device is False:
             worst = max(q.stages, key=lambda st: st.device_bytes)
             need = worst.device_bytes + p.assumptions.device_reserve_bytes
+            lean = replace(p.assumptions, cross_always=LEAN.cross_always, hessian_bytes=LEAN.hessian_bytes,
+                           hessian_float32_copy=LEAN.hessian_float32_copy,
+                           solver_inin_copies=LEAN.solver_inin_copies)
+            q_lean, _ = trial(assumptions=lean)
+            lean_need = q_lean.peak_device_bytes + lean.device_reserve_bytes
             reasons.append(f"the device needs {_gib(need)} even with 8 samples of 256 tokens ({worst.stage}: "
                            f"{worst.device_binding}); no sample or sequence setting fits {_gib(p.device_mem_bytes)} "
-                           "cards: use a card with more memory or a leaner solver (Assumptions.solver_inin_copies, "
-                           "cross_always)")
+                           f"cards (with the lean solver of planner.LEAN the given settings would need "
+                           f"{_gib(lean_need)})")
         if q.fits_host is False:
             reasons.append(f"the host needs {_gib(q.peak_host_node_bytes)} per node even then (weights "
                            f"{_gib(d.total_params * d.dtype_bytes)} per rank)")
@@ -874,10 +921,21 @@ def fit_table(
                 sg = p.suggestions[0]
                 settings, dev, host = sg.flags, sg.device_bytes, sg.host_node_bytes
             else:
-                settings = "nothing fits"
+                settings = "none: " + _why_not(p)
                 dev, host = p.peak_device_bytes, p.peak_host_node_bytes
             rows.append(FitRow(path.stem, scheme, n, bool(p.fits), settings, dev, host))
     return rows
+
+
+def _why_not(p: Plan) -> str:
+    reasons = []
+    if p.fits_device is False:
+        worst = max(p.stages, key=lambda st: st.device_bytes)
+        need = worst.device_bytes + p.assumptions.device_reserve_bytes
+        reasons.append(f"device needs {_gib(need)} ({worst.stage}: {worst.device_binding})")
+    if p.fits_host is False:
+        reasons.append(f"host needs {_gib(p.peak_host_node_bytes)} per node")
+    return "; ".join(reasons)
 
 
 def format_fit_table(rows: list[FitRow]) -> str:

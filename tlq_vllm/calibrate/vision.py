@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tlq_vllm.calibrate.data import ROLE_VISION
+from tlq_vllm.calibrate.distributed import SINGLE, Dist
 from tlq_vllm.calibrate.importance import (
     all_tokens,
     integrate,
@@ -31,8 +32,11 @@ def vision_linear_names(adapter) -> list[str]:
 
 
 def calibrate_vision(model, adapter, samples, scheme, options, config, device, log,
-                     decoder_input_grads: list[torch.Tensor] | None) -> dict[int, dict[str, LinearResult]]:
-    """Quantizes every vision block in place; returns results per block index."""
+                     decoder_input_grads: list[torch.Tensor] | None, dist: Dist = SINGLE,
+                     num_samples: int | None = None) -> dict[int, dict[str, LinearResult]]:
+    """Quantizes every vision block in place; returns results per block index.
+
+    samples (and decoder_input_grads) are this rank's shard of num_samples samples."""
     blocks = adapter.vision_layers(model)
     names = vision_linear_names(adapter)
     if config.method == "rtn" and config.smoothquant_alpha is None:
@@ -43,10 +47,12 @@ def calibrate_vision(model, adapter, samples, scheme, options, config, device, l
         caught = [catch_block_kwargs(model, blocks, layers, to_device(s.inputs, device)) for s in samples]
     hiddens = [hidden for hidden, _ in caught]
     block_kwargs = [[per_block[b] for _, per_block in caught] for b in range(len(blocks))]  # [block][sample]
-    roles = [torch.full((h.reshape(-1, h.shape[-1]).shape[0],), ROLE_VISION, dtype=torch.int8) for h in hiddens]
+    local_roles = [torch.full((h.reshape(-1, h.shape[-1]).shape[0],), ROLE_VISION, dtype=torch.int8) for h in hiddens]
+    total = num_samples if num_samples is not None else len(samples)
+    roles = dist.gather_samples(local_roles, total)
 
     token_sets = lambda b: (lambda name: uniform)  # noqa: E731
-    uniform = all_tokens(roles)
+    uniform = all_tokens(local_roles)
     if config.method == "tlq" and decoder_input_grads is not None:
         t0 = time.time()
         with pre_decoder_on_device(model, adapter.decoder_layers, device):
@@ -54,9 +60,10 @@ def calibrate_vision(model, adapter, samples, scheme, options, config, device, l
                 model, blocks, layers, names, [s.inputs for s in samples], decoder_input_grads,
                 device=device, progress=config.progress,
             )
+        raw = [{n: dist.gather_samples(per[n], total) for n in names} for per in raw]
         scores = integrate(raw, beta=config.beta, clip_percentile=config.clip_percentile)
-        sets = [{n: select_tokens(scores[b][n], roles, rho=config.rho, modality_floor=0.0) for n in names}
-                for b in range(len(blocks))]
+        sets = [{n: select_tokens(scores[b][n], roles, rho=config.rho, modality_floor=0.0).shard(dist)
+                 for n in names} for b in range(len(blocks))]
         token_sets = lambda b: sets[b].__getitem__  # noqa: E731
         log.event("vision-importance", f"vision importance: {time.time() - t0:.1f}s", seconds=time.time() - t0)
 
@@ -66,7 +73,7 @@ def calibrate_vision(model, adapter, samples, scheme, options, config, device, l
         with on_device(block, device):
             t0 = time.time()
             results[b] = calibrate_layer(block, adapter.vision_groups, hiddens, block_kwargs[b], token_sets(b),
-                                         scheme, options, device=device)
+                                         scheme, options, device=device, dist=dist)
             before = sum(r.error_rtn for r in results[b].values())
             after = sum(r.error for r in results[b].values())
             log.event("vision-block", f"vision block {b:3d}: weighted error rtn {before:.4g} -> {config.method} "

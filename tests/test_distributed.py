@@ -1,0 +1,74 @@
+"""Data-parallel calibration over 2 gloo ranks on CPU gives the single-process checkpoint."""
+
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tlq_vllm.testing import build_fixture
+
+pytestmark = pytest.mark.slow
+
+
+def calibrate(out, *args, nproc=1):
+    """One CLI run in a fresh process; threads pinned to 1 per process, as torchrun does per rank,
+    so the float summation order inside each sample's matmuls is the same in both runs."""
+    cmd = [sys.executable, "-m", "tlq_vllm.calibrate", "--model", str(build_fixture("qwen2-vl")),
+           "--num-samples", "6", "--output", str(out), "--no-progress", "--collective-timeout", "60", *args]
+    if nproc > 1:
+        cmd += ["--nproc", str(nproc)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("method, scheme", [("rtn", "W4A16"), ("gptq", "W4A16"), ("mbq", "W4A16"),
+                                            ("tlq", "W4A16"), ("smoothquant", "W8A8")])
+def test_two_ranks_give_the_single_process_checkpoint(tmp_path, method, scheme):
+    single = calibrate(tmp_path / "single", "--method", method, "--scheme", scheme)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = calibrate(tmp_path / "double", "--method", method, "--scheme", scheme, nproc=2)
+    assert double.returncode == 0, double.stderr[-2000:]
+    a, b = load_file(tmp_path / "single" / "model.safetensors"), load_file(tmp_path / "double" / "model.safetensors")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]  # identical integers and scales
+    assert (tmp_path / "single" / "config.json").read_text() == (tmp_path / "double" / "config.json").read_text()
+
+
+def test_a_dead_rank_ends_every_rank_with_an_error(tmp_path):
+    """Rank 1 killed mid-run: torchrun stops rank 0 too, the run exits non-zero, nothing is written."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "tlq_vllm.calibrate", "--model", str(build_fixture("qwen2-vl")), "--num-samples",
+           "6", "--output", str(out), "--no-progress", "--collective-timeout", "60", "--nproc", "2"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:  # rank 0 announces the data once every rank has loaded the model
+            if line.startswith("data:"):
+                break
+        ranks = {}
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                env = child.environ()
+            except psutil.Error:
+                continue
+            if "RANK" in env and "tlq_vllm.calibrate" in " ".join(child.cmdline()):
+                ranks[env["RANK"]] = child
+        assert "1" in ranks, ranks
+        ranks["1"].kill()
+        started = time.time()
+        rest = proc.stdout.read()
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert code != 0
+    assert time.time() - started < 120  # no hang
+    assert "failed" in rest.lower() or "error" in rest.lower()
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
