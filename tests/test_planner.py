@@ -184,13 +184,25 @@ def test_plan_from_path_accepts_dirs_files_and_snapshot_names(tmp_path):
     by_dir = plan_from_path(tmp_path, **RUN)
     by_config = plan_from_path(tmp_path / "config.json", **RUN)
     assert by_name.peak_host_bytes == by_file.peak_host_bytes == by_dir.peak_host_bytes == by_config.peak_host_bytes
+    assert plan_from_path("Qwen/Qwen2-VL-2B-Instruct", **RUN).peak_host_bytes == by_name.peak_host_bytes
+    assert plan_from_path("fixture:qwen2-vl", **RUN).dims.hidden == 256
     with pytest.raises(PlanError, match="snapshot name"):
         plan_from_path("qwen3-vl-1000b")
+    with pytest.raises(PlanError, match="snapshot name"):
+        plan_from_path("nobody/no-such-model")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(PlanError, match="not supported"):
         plan_from_path(tmp_path)
     with pytest.raises(PlanError, match="scheme"):
         plan_from_path("qwen2-vl-2b", scheme="W5A5")
+
+
+def test_max_pixels_bounds_the_vision_tokens():
+    qwen = plan_from_path("qwen2-vl-7b", **RUN, max_pixels=448 * 448)
+    assert qwen.vision_tokens_per_sample == 256  # 28x28 pixels a token
+    assert qwen.stage("catch").device_bytes < plan_from_path("qwen2-vl-7b", **RUN).stage("catch").device_bytes
+    llava = plan_from_path("llava-onevision-7b", **RUN, max_pixels=384 * 384)
+    assert llava.vision_tokens_per_sample == 729 + 27 * 28  # base tile + one grid tile with newlines
 
 
 def test_cpu_device_puts_everything_on_the_host():

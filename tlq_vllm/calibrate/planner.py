@@ -532,6 +532,7 @@ def plan(
     importance_granularity: str = "linear",
     asymmetric_target: bool = False,
     vision_tokens_per_sample: int | None = None,
+    max_pixels: int | None = None,
     exposure: bool = True,
     ranks_per_node: int | None = None,
     device: str = "cuda",
@@ -561,6 +562,8 @@ def plan(
     rpn = min(nproc, ranks_per_node or nproc)
     T = max_seq_len
     Tv = _vision_tokens(d, T, vision_tokens_per_sample, a)
+    if max_pixels is not None and vision_tokens_per_sample is None:
+        Tv = min(Tv, _tokens_for_pixels(d, max_pixels))
     S = math.ceil(num_samples / nproc)
     b, L, H = d.dtype_bytes, d.layers, d.hidden
     bits, group, _ = SCHEME_BITS[scheme]
@@ -666,7 +669,7 @@ def plan(
     settings = {"scheme": scheme, "method": method, "num_samples": num_samples, "max_seq_len": max_seq_len,
                 "nproc": nproc, "ranks_per_node": rpn, "importance_granularity": importance_granularity,
                 "asymmetric_target": asymmetric_target, "exposure": exposure, "device": device,
-                "vision_tokens_per_sample": vision_tokens_per_sample}
+                "vision_tokens_per_sample": vision_tokens_per_sample, "max_pixels": max_pixels}
     result = Plan(d.name, d, settings, T, Tv, S, stages, device_mem_bytes, host_mem_bytes, a)
     result.notes = _notes(result)
     if suggest and result.fits is False:
@@ -685,7 +688,8 @@ def _notes(p: Plan) -> list[str]:
     if p.settings["nproc"] > 1:
         notes.append(f"{p.settings['nproc']} ranks: {p.samples_per_rank} samples per rank; weights "
                      + ("shared once per node" if a.host_weights == "shared" else "loaded by every rank")
-                     + "; layer results and export on " + ("every rank" if a.results_on_every_rank else "rank 0"))
+                     + "; layer results kept by " + ("every rank" if a.results_on_every_rank else "rank 0")
+                     + "; export on rank 0")
     if p.vision_tokens_per_sample and d.vision.kind == "siglip" and p.vision_tokens_per_sample < 1485:
         notes.append("LLaVA-OneVision: an anyres image takes at least ~1485 tokens (base tile + one grid tile)")
     return notes
@@ -693,6 +697,16 @@ def _notes(p: Plan) -> list[str]:
 
 # --------------------------------------------------------------------------------------------
 # Suggestions
+
+
+def _tokens_for_pixels(d: ModelDims, max_pixels: int) -> int:
+    """About how many vision tokens an image of at most `max_pixels` pixels becomes."""
+    v = d.vision
+    if v.kind == "siglip":  # the base tile plus the anyres grid tiles (rows end with a newline token)
+        side = v.image_size // v.patch
+        grid_tiles = max(1, max_pixels // v.image_size**2)
+        return side * side + grid_tiles * (side * side + side)
+    return max(4, max_pixels // v.pixels_per_token)
 
 
 def _max_pixels_for(d: ModelDims, vision_tokens: int) -> int | None:
@@ -716,7 +730,7 @@ def suggestions(config_json: dict, p: Plan, *, max_ranks: int = 8) -> list[Sugge
     base = {"scheme": s["scheme"], "method": s["method"], "num_samples": s["num_samples"],
             "max_seq_len": s["max_seq_len"], "nproc": s["nproc"], "importance_granularity": s["importance_granularity"],
             "asymmetric_target": s["asymmetric_target"], "exposure": s["exposure"], "device": s["device"],
-            "device_mem_bytes": p.device_mem_bytes, "host_mem_bytes": p.host_mem_bytes,
+            "max_pixels": s["max_pixels"], "device_mem_bytes": p.device_mem_bytes, "host_mem_bytes": p.host_mem_bytes,
             "assumptions": p.assumptions, "name": p.model}
     explicit_rpn = s["ranks_per_node"] if s["ranks_per_node"] != s["nproc"] else None
 
@@ -811,10 +825,32 @@ def suggestions(config_json: dict, p: Plan, *, max_ranks: int = 8) -> list[Sugge
 # Inputs and outputs
 
 
+# Hub ids of the snapshots, so that `--plan --model Qwen/Qwen2-VL-72B-Instruct` answers offline.
+HUB_IDS = {
+    "Qwen/Qwen2-VL-2B-Instruct": "qwen2-vl-2b",
+    "Qwen/Qwen2-VL-7B-Instruct": "qwen2-vl-7b",
+    "Qwen/Qwen2-VL-72B-Instruct": "qwen2-vl-72b",
+    "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2.5-vl-3b",
+    "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b",
+    "Qwen/Qwen2.5-VL-72B-Instruct": "qwen2.5-vl-72b",
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": "llava-onevision-0.5b",
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava-onevision-7b",
+    "llava-hf/llava-onevision-qwen2-72b-ov-hf": "llava-onevision-72b",
+}
+
+
 def load_config(path: str | Path) -> tuple[dict, str]:
-    """A config.json dict and a display name from a model directory, a config.json path or a
-    snapshot name (`qwen2-vl-72b`, see calibrate/configs/)."""
+    """A config.json dict and a display name from a model directory, a config.json path, a
+    snapshot name (`qwen2-vl-72b`, see calibrate/configs/), `fixture:<name>`, or a hub id: a
+    snapshot's id (HUB_IDS) or one whose config.json is in the local Hugging Face cache."""
     path_s = str(path)
+    if path_s.startswith("fixture:"):
+        from tlq_vllm.testing import build_fixture
+
+        try:
+            path_s = str(build_fixture(path_s.split(":", 1)[1]))
+        except ValueError as err:
+            raise PlanError(str(err)) from None
     p = Path(path_s)
     if p.is_dir():
         p = p / "config.json"
@@ -823,11 +859,22 @@ def load_config(path: str | Path) -> tuple[dict, str]:
         return json.loads(p.read_text()), Path(path_s).name
     if p.is_file():
         return json.loads(p.read_text()), p.stem if p.name != "config.json" else p.parent.name
-    snapshot = SNAPSHOT_DIR / f"{path_s.removesuffix('.json')}.json"
-    if snapshot.is_file():
+    name = HUB_IDS.get(path_s, path_s.removesuffix(".json"))
+    snapshot = SNAPSHOT_DIR / f"{name}.json"
+    if "/" not in name and snapshot.is_file():
         return json.loads(snapshot.read_text()), snapshot.stem
+    if path_s.count("/") == 1 and not path_s.startswith((".", "/")):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path_s, "config.json")
+        except Exception:  # an invalid repo id is just "not found" here
+            cached = None
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text()), path_s.split("/")[-1]
     known = ", ".join(snapshot_names())
-    raise PlanError(f"{path_s!r} is not a model directory, a config.json or a snapshot name ({known})")
+    raise PlanError(f"{path_s!r} is not a model directory, a config.json, a snapshot name ({known}), a fixture "
+                    "or a hub id whose config.json is cached locally")
 
 
 def snapshot_names() -> list[str]:
