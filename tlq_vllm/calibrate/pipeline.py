@@ -239,6 +239,9 @@ def run(config: CalibrationConfig) -> Path:
     scheme = get_scheme(config.scheme)
     device = resolve_device(config.device)
     dist = init_from_env(device.type, config.collective_timeout)
+    if dist.world > 1 and device.type == "cuda" and device.index is None:  # one GPU per local rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if not dist.is_main:
         config.progress = False
     log = RunLog(config.log_json if dist.is_main else None, quiet=not dist.is_main)
