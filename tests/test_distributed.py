@@ -19,7 +19,8 @@ def calibrate(out, *args, nproc=1):
     """One CLI run in a fresh process; threads pinned to 1 per process, as torchrun does per rank,
     so the float summation order inside each sample's matmuls is the same in both runs."""
     cmd = [sys.executable, "-m", "tlq_vllm.calibrate", "--model", str(build_fixture("qwen2-vl")),
-           "--num-samples", "6", "--output", str(out), "--no-progress", "--collective-timeout", "60", *args]
+           "--num-samples", "6", "--output", str(out), "--no-progress", "--collective-timeout", "60",
+           "--hessian-dtype", "float64", *args]  # float64 sums: the order of ranks cannot reach the solver
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -44,7 +45,8 @@ def start_and_kill_rank_1(out, after_prefix, env):
     """Starts a 2-rank run, kills rank 1 once rank 0 printed a line starting with after_prefix;
     returns (exit code, seconds from the kill to the exit, the rest of the output)."""
     cmd = [sys.executable, "-m", "tlq_vllm.calibrate", "--model", str(build_fixture("qwen2-vl")), "--num-samples",
-           "6", "--output", str(out), "--no-progress", "--collective-timeout", "60", "--nproc", "2"]
+           "6", "--output", str(out), "--no-progress", "--collective-timeout", "60", "--nproc", "2",
+           "--hessian-dtype", "float64"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -88,7 +90,7 @@ def test_resume_of_a_distributed_run_equals_the_single_process_result(tmp_path):
     assert code != 0 and not (tmp_path / "out").exists()
     resumed = subprocess.run(
         [sys.executable, "-m", "tlq_vllm.calibrate", "--model", str(build_fixture("qwen2-vl")), "--num-samples", "6",
-         "--output", str(tmp_path / "out"), "--no-progress", "--nproc", "2", "--resume"],
+         "--output", str(tmp_path / "out"), "--no-progress", "--nproc", "2", "--resume", "--hessian-dtype", "float64"],
         env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming: layers [0, 1]" in resumed.stdout

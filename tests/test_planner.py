@@ -141,10 +141,10 @@ def test_more_ranks_less_sample_memory_per_rank():
 
 def test_72b_does_not_fit_a_24gb_card_because_of_the_down_proj_solve():
     """A 72B decoder layer is ~1.76 GB in bf16 and mlp.down_proj's Hessian (in = 29568) is 3.5 GB
-    in float32. As the calibrator is today (float64 Hessians and cross matrices, a float32 copy,
-    ~5.75 float32 [in, in] copies inside the GPTQ solve) the calibrate-layer stage needs ~41 GiB on
-    one card, whatever the samples, sequence length or ranks; every other stage fits 24 GiB. With
-    the lean solver of planner.LEAN it would need ~21 GiB and fit."""
+    in float32. As the calibrator is today (float32 Hessians, ~5.75 float32 [in, in] copies inside
+    the GPTQ solve) the calibrate-layer stage needs ~27 GiB on one card, whatever the samples,
+    sequence length or ranks; every other stage fits 24 GiB. With the lean solver of planner.LEAN
+    it would need ~21 GiB and fit."""
     p = plan_from_path("qwen2-vl-72b", **RUN, device_mem_bytes=24 * GiB)
     d = p.dims
     assert 1.7e9 < d.layer_params * 2 < 1.8e9
@@ -152,7 +152,7 @@ def test_72b_does_not_fit_a_24gb_card_because_of_the_down_proj_solve():
     assert p.fits_device is False
     cal = p.stage("calibrate layer")
     assert cal.fits_device is False and "mlp.down_proj" in cal.device_binding
-    assert 38 * GiB < cal.device_bytes < 44 * GiB
+    assert 25 * GiB < cal.device_bytes < 30 * GiB
     for stage in ("catch", "importance forward", "importance backward"):
         assert p.stage(stage).fits_device, stage
     assert len(p.suggestions) == 1 and not p.suggestions[0].settings

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="weighted-MSE search of group clipping ratios (default off)",
     )
+    solver.add_argument("--hessian-dtype", choices=("float32", "float64"),
+                        help="Hessian accumulation dtype; float64 makes distributed runs bit-exact (default float32)")
     model = p.add_argument_group("model loading")
     model.add_argument(
         "--quantize-vision", action=argparse.BooleanOptionalAction, help="also quantize the vision blocks"
@@ -92,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--resume", action=argparse.BooleanOptionalAction, help="continue an interrupted run")
     ctl.add_argument("--log-json", help="write progress events as JSON lines to this file")
     ctl.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars (default on)")
+    planner = p.add_argument_group("memory planner (no weights loaded)")
+    planner.add_argument("--plan", action="store_true",
+                         help="print each stage's peak device/host memory per rank for these settings and exit; "
+                         "--model may also be a config.json or a snapshot name from calibrate/configs/")
+    planner.add_argument("--device-mem", help="device memory per rank for --plan, e.g. 24GiB (RTX 3090)")
+    planner.add_argument("--host-mem", help="host memory per node for --plan, e.g. 256GiB")
     dist = p.add_argument_group("several processes (docs/distributed.md)")
     dist.add_argument("--nproc", type=int, help="run data-parallel over N local processes (launches torchrun)")
     dist.add_argument("--collective-timeout", type=float,
@@ -107,9 +115,55 @@ def config_from_args(argv: list[str]) -> CalibrationConfig:
     values.update(args)
     if not argv:  # the embedded default run: its own scratch output, replaced each time
         values["overwrite"] = True
-    values.pop("nproc", None)
+    for planner_only in ("nproc", "plan", "device_mem", "host_mem"):
+        values.pop(planner_only, None)
     known = {f.name for f in fields(CalibrationConfig)}
     return CalibrationConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '24GB', '512MiB', '1.5TiB' or a plain number of bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "b": 1, "": 1}
+    lowered = text.strip().lower()
+    number = lowered.rstrip("kmgtib")
+    unit = lowered[len(number):]
+    if unit not in units:
+        raise ConfigError(f"cannot read the size {text!r}; write e.g. 24GiB, 24GB or 512MiB")
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise ConfigError(f"cannot read the size {text!r}; write e.g. 24GiB, 24GB or 512MiB") from None
+
+
+def print_plan(args: dict, argv: list[str]) -> int:
+    """`--plan`: the memory planner for the run these options describe (config.json only)."""
+    from dataclasses import replace
+
+    from tlq_vllm.calibrate.planner import Assumptions, PlanError, format_plan, plan_from_path
+
+    config = config_from_args([a for a in argv if a != "--plan"])
+    try:
+        result = plan_from_path(
+            config.model,
+            scheme=config.scheme,
+            method=config.method,
+            num_samples=config.num_samples,
+            max_seq_len=config.max_seq_len,
+            nproc=args.get("nproc", 1),
+            device_mem_bytes=parse_bytes(args["device_mem"]) if args.get("device_mem") else None,
+            host_mem_bytes=parse_bytes(args["host_mem"]) if args.get("host_mem") else None,
+            importance_granularity=config.importance_granularity,
+            asymmetric_target=config.asymmetric_target,
+            max_pixels=config.max_pixels,
+            exposure=config.exposure,
+            assumptions=replace(Assumptions(), hessian_bytes=8, hessian_float32_copy=True)
+            if config.hessian_dtype == "float64" else None,
+        )
+    except PlanError as err:
+        raise ConfigError(str(err)) from None
+    print(format_plan(result))
+    return 0 if result.fits is not False else 1
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
@@ -140,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_terminated)  # torchrun stops the other ranks so: clean up first
     try:
         args = vars(build_parser().parse_args(argv))
+        if args.get("plan"):
+            return print_plan(args, argv)
         if args.get("nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
             return launch_torchrun(args["nproc"], argv)
         run(config_from_args(argv))

@@ -48,6 +48,7 @@ class CalibrationConfig:
     damp: float = 0.01
     act_order: bool = False
     clip_search: bool = False
+    hessian_dtype: str = "float32"  # "float64": bit-exact distributed runs (docs/distributed.md), 2x memory
     # model loading and what to quantize
     quantize_vision: bool = False
     trust_remote_code: bool = False
@@ -83,6 +84,8 @@ class CalibrationConfig:
             (self.max_seq_len >= 16, f"--max-seq-len must be at least 16, got {self.max_seq_len}"),
             (self.damp > 0, f"--damp must be positive, got {self.damp}"),
         ]
+        checks.append((self.hessian_dtype in ("float32", "float64"),
+                       f"--hessian-dtype must be float32 or float64, got {self.hessian_dtype!r}"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)

@@ -274,6 +274,7 @@ def run(config: CalibrationConfig) -> Path:
             damp=config.damp,
             act_order=config.act_order,
             clip_search=config.clip_search,
+            hessian_dtype=getattr(torch, config.hessian_dtype),
         )
         partial = PartialRun(config, writer=dist.is_main)
         dist.barrier()  # rank 0 has cleared stale partial results before anyone reads them

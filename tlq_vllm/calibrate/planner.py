@@ -35,8 +35,8 @@ fragmentation). Host peaks are the resident memory of one rank; budgets are per 
   float32 round trip through the host (V H 4).
 - calibrate layer (layerwise.calibrate_layer, gptq.gptq_quantize), per group of linears sharing
   an input of width `in` (q,k,v -> o -> gate,up -> down), per linear [out, in]:
-    group matrices G = n_g in^2 8 (float64 Hessians) x 2 (float64 cross matrices: layerwise
-      allocates them in every mode; Assumptions.hessian_bytes, cross_always);
+    group matrices G = n_g in^2 hb (Hessians in --hessian-dtype: hb = 4, or 8 for float64)
+      (+ the same again for the cross matrices of --asymmetric-target; Assumptions.hessian_bytes);
     statistics = G + the previous group's float32 H + one in^2 8 product + the forward
       + T in (b + 24) of capture;
     solve = G + in^2 4 (the summed H in float32) + max(5.75 in^2 4 + 2 out in 4, 2 in^2 4
@@ -304,9 +304,9 @@ class Assumptions:
     device_reserve_bytes: int = 1 * GiB  # CUDA context + library workspaces + fragmentation, for `fits`
     host_runtime_bytes: int = int(1.5 * GiB)  # python + torch + transformers + CUDA runtime of one process
     host_weights: str = "per-rank"  # "per-rank": each rank's own copy; "shared": one copy per node
-    cross_always: bool = True  # layerwise.calibrate_layer allocates the [in, in] cross matrices in every mode
-    hessian_bytes: int = 8  # layerwise accumulates Hessians (and cross matrices) in float64
-    hessian_float32_copy: bool = True  # ... and hands the solver a float32 copy of each summed Hessian
+    cross_always: bool = False  # layerwise.calibrate_layer allocates the [in, in] cross matrices for --asymmetric-target
+    hessian_bytes: int = 4  # Hessians accumulate in --hessian-dtype (float32 default; 8 for float64)
+    hessian_float32_copy: bool = False  # with float64 Hessians the solver gets a float32 copy of each
     # [in, in] float32 copies alive inside gptq_quantize at its peak: H's clone, the damped copy, the
     # Cholesky factor, the upper factor of the inverse, and torch.isfinite(U)'s abs + 3 bool temporaries
     # (1.75); measured on CPU (tests/test_planner.py). A lean solver (in-place factorisations) needs ~2.
