@@ -60,6 +60,8 @@ class RunLog:
 
     def event(self, kind: str, message: str | None = None, **data) -> None:
         record = {"event": kind, "time": round(time.time(), 3), **data}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # allocator peak so far, for the planner
+            record["device_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         self.events.append(record)
         if self.quiet:
             return

@@ -304,7 +304,7 @@ class Assumptions:
     device_reserve_bytes: int = 1 * GiB  # CUDA context + library workspaces + fragmentation, for `fits`
     host_runtime_bytes: int = int(1.5 * GiB)  # python + torch + transformers + CUDA runtime of one process
     host_weights: str = "per-rank"  # "per-rank": each rank's own copy; "shared": one copy per node
-    cross_always: bool = False  # layerwise.calibrate_layer allocates the [in, in] cross matrices for --asymmetric-target
+    cross_always: bool = False  # calibrate_layer allocates [in, in] cross matrices only for --asymmetric-target
     hessian_bytes: int = 4  # Hessians accumulate in --hessian-dtype (float32 default; 8 for float64)
     hessian_float32_copy: bool = False  # with float64 Hessians the solver gets a float32 copy of each
     # [in, in] float32 copies alive inside gptq_quantize at its peak: H's clone, the damped copy, the
