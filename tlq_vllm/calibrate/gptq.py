@@ -139,10 +139,13 @@ def gptq_quantize(
     if block_size <= 0 or damp < 0:
         raise ValueError(f"need block_size > 0 and damp >= 0, got block_size={block_size}, damp={damp}")
     clip_ratios = check_clip_ratios(clip_ratios)
+    # Memory: besides the caller's H (read, never written; used again for the loss) the solve holds
+    # at most two [in, in] float32 matrices at a time: a working H, then its Cholesky factor, then
+    # H^-1, then U (each freed as the next appears). For a 72B down_proj (in = 29568) one is 3.5 GB.
     H_in = hessian.detach().to(weight.device, torch.float32)  # [in, in], as given: for the loss
 
     W = weight.detach().float().clone()  # [out, in]
-    H = H_in.clone()  # [in, in]
+    H = H_in.clone()  # [in, in] working copy
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -154,7 +157,9 @@ def gptq_quantize(
         perm = torch.argsort(diag_H, descending=True, stable=True) if act_order else torch.arange(in_features)
         perm = perm.to(W.device)
         scales = _group_scales(W, group, scheme, clip_ratios, importance, scale_dtype)  # [out, G]
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
+        H = H[perm]  # two steps, so at most two [in, in] matrices exist at once
+        H = H[:, perm]
     else:
         perm = torch.arange(in_features, device=W.device)
         scales = torch.empty(out_features, in_features // group, device=W.device)  # [out, G]
@@ -162,7 +167,9 @@ def gptq_quantize(
             block_size = group * max(1, block_size // group)
     group_of = (perm // group).tolist()  # solve position -> group index in the original order
 
-    Hinv, damp_used = _inverse_cholesky_upper(H, damp, max_damp_retries)  # upper factor of H^-1
+    working = [H]  # handed over: the function drops the last reference to H once it is factorised
+    del H
+    Hinv, damp_used = _inverse_cholesky_upper(working, damp, max_damp_retries)  # upper factor of H^-1
     if Hinv is None:
         warnings.warn(
             f"GPTQ: H of a [{out_features}, {in_features}] layer is not positive definite even with "
@@ -205,23 +212,35 @@ def gptq_quantize(
 
 
 def _inverse_cholesky_upper(
-    H: torch.Tensor, damp: float, max_retries: int
+    working: list[torch.Tensor], damp: float, max_retries: int
 ) -> tuple[torch.Tensor | None, float | None]:
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (H^-1 = U^T U), as the reference
     computes it: row q of U, divided by U_qq, is the OBS update for column q given that columns
-    < q are already fixed. Retries with 10x the damping; (None, None) when nothing works."""
+    < q are already fixed. Retries with 10x the damping; (None, None) when nothing works.
+
+    `working` holds the caller's working copy of H as its only reference: damping is added to it in
+    place, and it is released as soon as its factor exists, so that at most two [in, in] matrices
+    are alive at once (H and L, then L and H^-1, then H^-1 and U). Finiteness is checked on the
+    factors' diagonals: a successful factorisation of a finite matrix has finite entries."""
+    H = working.pop()
     mean_diag = torch.diag(H).mean()
-    if not torch.isfinite(mean_diag) or mean_diag <= 0:
+    if not torch.isfinite(mean_diag) or mean_diag <= 0 or not bool(torch.isfinite(H).all()):
         return None, None
-    rel = damp
+    rel, added = damp, 0.0
     for _ in range(max_retries + 1):
-        Hd = H.clone()
-        Hd.diagonal().add_(rel * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info == 0 and torch.isfinite(L).all():
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0 and torch.isfinite(U).all():
+        H.diagonal().add_((rel - added) * mean_diag)
+        added = rel
+        L, info = torch.linalg.cholesky_ex(H)
+        if info == 0 and bool(torch.isfinite(L.diagonal()).all()):
+            del H  # factorised: no retry will need it
+            Hinv = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
+            if info == 0 and bool(torch.isfinite(U.diagonal()).all()):
                 return U, rel
+            return None, None  # H^-1 not positive definite in float32: more damping is no longer possible
+        del L
         rel = rel * 10 if rel > 0 else 0.01
     return None, None
 

@@ -67,8 +67,8 @@ every rank loads its own copy of the weights (host_weights="shared" models one c
 prepares every sample's inputs (samples_on_every_rank), gathers every sample's per-token
 importances and token sets (importance_gathered) and keeps all layers' integers
 (results_on_every_rank); only rank 0 exports. `ranks_per_node` ranks (default all N) share
-`host_mem_bytes`. `LEAN` is the variant worth building (float32 Hessians, no unused cross
-matrices, in-place factorisations, shared weights): pass `assumptions=LEAN` to see its peaks.
+`host_mem_bytes`. `LEAN` is the variant still worth building (one shared copy of the weights per
+node, results on rank 0 only): pass `assumptions=LEAN` to see its peaks.
 
 Not modeled: greedy answers for records without one (a CPU `generate` of the whole model),
 --quantize-vision, SmoothQuant's captures (small), the page cache of the safetensors files.
@@ -307,10 +307,10 @@ class Assumptions:
     cross_always: bool = False  # calibrate_layer allocates [in, in] cross matrices only for --asymmetric-target
     hessian_bytes: int = 4  # Hessians accumulate in --hessian-dtype (float32 default; 8 for float64)
     hessian_float32_copy: bool = False  # with float64 Hessians the solver gets a float32 copy of each
-    # [in, in] float32 copies alive inside gptq_quantize at its peak: H's clone, the damped copy, the
-    # Cholesky factor, the upper factor of the inverse, and torch.isfinite(U)'s abs + 3 bool temporaries
-    # (1.75); measured on CPU (tests/test_planner.py). A lean solver (in-place factorisations) needs ~2.
-    solver_inin_copies: float = 5.75
+    # [in, in] float32 matrices alive inside gptq_quantize at its peak besides the caller's H: two (the
+    # working H and its factor, then the factor and H^-1, then H^-1 and U; gptq._inverse_cholesky_upper)
+    # + torch.isfinite(H)'s bool temporary; checked against measured allocations (tests/test_planner.py)
+    solver_inin_copies: float = 2.25
     text_tokens: int = 64  # non-vision tokens of a sample (system prompt, question, answer)
     attn_implementation: str = "sdpa"  # "sdpa" (no T^2 buffers) or "eager" (materialised attention)
     keep_fraction: float = 0.6  # token-set bound: rho + modality floor (defaults 0.5 + 0.1)
@@ -320,9 +320,9 @@ class Assumptions:
 
 
 
-# The defaults model the calibrator as it is; LEAN, a variant worth building: float32 Hessians, cross
-# matrices only for --asymmetric-target, in-place factorisations in the solver (2 [in, in] copies), one
-# shared copy of the weights per node, the integers kept by rank 0 only.
+# The defaults model the calibrator as it is; LEAN, what is still worth building on the host side: one
+# shared copy of the weights per node and the integers kept by rank 0 only (the device side of it --
+# float32 Hessians, cross matrices only for --asymmetric-target, a two-copy solver -- is built).
 LEAN = Assumptions(cross_always=False, hessian_bytes=4, hessian_float32_copy=False, solver_inin_copies=2,
                    host_weights="shared", results_on_every_rank=False)
 
