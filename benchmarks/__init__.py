@@ -1,0 +1,1 @@
+"""Benchmarks: serving throughput and latency, linear kernels, and the RTX 3090 projection."""
