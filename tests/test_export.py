@@ -315,7 +315,7 @@ def test_bad_input_is_rejected_with_the_reason(source, tmp_path):
         write(src, {name: QuantizedLinear(good.qweight * 2, good.scales)}, scheme, tmp_path)
     with pytest.raises(ValueError, match="scales must be"):
         write(src, {name: QuantizedLinear(good.qweight, good.scales[:, :1])}, scheme, tmp_path)
-    with pytest.raises(ValueError, match="only decoder linears"):
+    with pytest.raises(ValueError, match="is not a linear inside a decoder layer"):
         write(src, {"lm_head": good}, scheme, tmp_path)
     (tmp_path / "leftover").write_text("x")
     with pytest.raises(ValueError, match="empty directory"):
