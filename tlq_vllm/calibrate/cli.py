@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     p.add_argument("--recipe", help="YAML file of options (see calibrate/); flags override it")
     io = p.add_argument_group("what to calibrate")
-    io.add_argument("--model", help=f"HF model id, local directory, or fixture:<name> (default {d.model})")
+    io.add_argument(
+        "--model", help=f"HF model id, local directory, toyvlm or fixture:<name> (default {d.model}: the toy VLM)"
+    )
     io.add_argument("--data", help=f"easy-vqa, a .jsonl file, or a directory of .jsonl (default {d.data})")
     io.add_argument("--scheme", help=f"one of {', '.join(SCHEMES)} (default {d.scheme})")
     io.add_argument("--method", choices=METHODS, help=f"calibration method (default {d.method})")
@@ -59,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--exposure",
         action=argparse.BooleanOptionalAction,
         help="statistics from the quantized path (default on; --no-exposure: FP path)",
+    )
+    tlq.add_argument(
+        "--modality-level",
+        action=argparse.BooleanOptionalAction,
+        help="ablation: every token weighted by its modality's mean importance, not its own (default off)",
     )
     tlq.add_argument(
         "--asymmetric-target",

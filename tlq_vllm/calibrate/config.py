@@ -11,7 +11,7 @@ import yaml
 
 METHODS = ("rtn", "gptq", "mbq", "tlq", "smoothquant")
 GRANULARITIES = ("linear", "layer")
-DEFAULT_MODEL = "fixture:qwen2-vl"
+DEFAULT_MODEL = "toyvlm"
 
 
 class ConfigError(ValueError):
@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 class CalibrationConfig:
     """Everything one calibration run depends on. Defaults are TLQ's documented defaults."""
 
-    model: str = DEFAULT_MODEL  # HF id, local dir, or "fixture:<name>" (an offline tiny VLM)
+    model: str = DEFAULT_MODEL  # HF id, local dir, "toyvlm" (the trained toy VLM) or "fixture:<name>"
     data: str = "easy-vqa"  # "easy-vqa", a .jsonl file or a directory of them
     scheme: str = "W4A16"
     method: str = "tlq"
@@ -39,6 +39,7 @@ class CalibrationConfig:
     rho: float = 0.5
     modality_floor: float = 0.1
     exposure: bool = True
+    modality_level: bool = False  # ablation: a token's importance = its modality's mean (per layer, linear)
     asymmetric_target: bool = False  # minimise ||W_hat x~ - W x||^2 (quantized-path input, FP-path target)
     # SmoothQuant migration strength for A8 schemes: method "smoothquant" = SmoothQuant + RTN
     # (alpha 0.5 unless given); with another method, smoothing first, then that method.

@@ -264,6 +264,26 @@ def modality_tokens(roles: list[torch.Tensor], vision_weight: float) -> TokenSet
     return TokenSet(indices, weights)
 
 
+def modality_average(importance: Importance, roles: list[torch.Tensor]) -> Importance:
+    """The modality-level ablation: per (l, j), every token's score replaced by the mean score of its
+    role (vision, prompt, answer) over all calibration tokens, so weights differ between modalities
+    but not between the tokens of one modality (MBQ's granularity, with TLQ's gradients)."""
+    flat_roles = torch.cat(roles)
+    result: Importance = []
+    for per_linear in importance:
+        layer_out = {}
+        for name, per_sample in per_linear.items():
+            flat = torch.cat(per_sample)
+            means = torch.zeros_like(flat)
+            for role in (ROLE_PROMPT, ROLE_VISION, ROLE_ANSWER):
+                mask = flat_roles == role
+                if mask.any():
+                    means[mask] = flat[mask].mean()
+            layer_out[name] = list(means.split([s.numel() for s in per_sample]))
+        result.append(layer_out)
+    return result
+
+
 def modality_means(importance: Importance, roles: list[torch.Tensor]) -> list[dict[str, float]]:
     """Per layer: mean importance of vision, prompt and answer tokens (the paper's premise)."""
     masks = {

@@ -29,6 +29,7 @@ from tlq_vllm.calibrate.importance import (
     gradient_importance,
     integrate,
     mbq_ratios,
+    modality_average,
     modality_means,
     modality_tokens,
     select_tokens,
@@ -82,15 +83,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_model(name: str) -> str:
-    """`fixture:<name>` builds an offline tiny VLM; anything else is a local dir or a hub id."""
-    if name.startswith("fixture:"):
-        from tlq_vllm.testing import build_fixture
+    """`toyvlm` and `fixture:<name>` are built-in (tlq_vllm.models.builtin); anything else is a
+    local dir or a hub id."""
+    from tlq_vllm.models.builtin import resolve_builtin
 
-        try:
-            return str(build_fixture(name.split(":", 1)[1]))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    return name
+    try:
+        return resolve_builtin(name) or name
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_model(model_ref: str, config: CalibrationConfig):
@@ -425,6 +425,8 @@ def calibrate_model(model, adapter, all_samples, scheme, options, config, device
         }
         if config.method == "tlq":
             scores = integrate(raw, beta=config.beta, clip_percentile=config.clip_percentile)
+            if config.modality_level:
+                scores = modality_average(scores, roles)
             extra["importance"]["per_layer_integrated"] = modality_means(scores, roles)
             sets = [
                 {

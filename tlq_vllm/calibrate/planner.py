@@ -841,16 +841,15 @@ HUB_IDS = {
 
 def load_config(path: str | Path) -> tuple[dict, str]:
     """A config.json dict and a display name from a model directory, a config.json path, a
-    snapshot name (`qwen2-vl-72b`, see calibrate/configs/), `fixture:<name>`, or a hub id: a
+    snapshot name (`qwen2-vl-72b`, see calibrate/configs/), `toyvlm`, `fixture:<name>`, or a hub id: a
     snapshot's id (HUB_IDS) or one whose config.json is in the local Hugging Face cache."""
-    path_s = str(path)
-    if path_s.startswith("fixture:"):
-        from tlq_vllm.testing import build_fixture
+    from tlq_vllm.models.builtin import resolve_builtin
 
-        try:
-            path_s = str(build_fixture(path_s.split(":", 1)[1]))
-        except ValueError as err:
-            raise PlanError(str(err)) from None
+    path_s = str(path)
+    try:
+        path_s = resolve_builtin(path_s) or path_s
+    except ValueError as err:
+        raise PlanError(str(err)) from None
     p = Path(path_s)
     if p.is_dir():
         p = p / "config.json"

@@ -1,0 +1,249 @@
+"""The accuracy benchmark: % of FP accuracy that each method keeps, per scheme, over seeds.
+
+    python -m benchmarks.accuracy                 # the full matrix (make bench-accuracy)
+    python -m benchmarks.accuracy --quick         # CI's reduced run: 1 seed, 64 questions, W4A16
+
+For the toy VLM (`tlq_vllm/assets/toyvlm-easyvqa`, trained on easy-vqa's train split) or any
+`--model`: FP, then methods {rtn, gptq, mbq, smoothquant (A8 schemes), tlq} x schemes x seeds,
+each calibrated on easy-vqa *train* samples (the seed picks them) and evaluated on a fixed subset
+of the *test* split with the transformers backend (`tlq_vllm.eval`: exact checkpoint numerics,
+int8 per-token activations for A8 schemes); TLQ ablations; and the llm-compressor GPTQ peer
+when its venv exists (`make peer-llmcompressor-setup`). Writes `accuracy.json`, `ACCURACY.md`
+and PNG plots to --results-dir. RTN uses no data, so it runs once (its std is 0 by construction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TOYVLM = REPO / "tlq_vllm" / "assets" / "toyvlm-easyvqa"
+PEER_PYTHON = REPO / ".venv-llmc" / "bin" / "python"
+PEER_SCRIPT = REPO / "benchmarks" / "peers" / "llmcompressor_gptq.py"
+A8_SCHEMES = ("W8A8", "W4A8")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the matrix: a calibrator method with option overrides (an ablation), or the peer."""
+
+    label: str
+    method: str
+    options: dict = field(default_factory=dict)
+    peer: bool = False
+
+    def applies_to(self, scheme: str) -> bool:
+        return self.method != "smoothquant" or scheme in A8_SCHEMES
+
+
+METHOD_VARIANTS = {
+    "rtn": Variant("rtn", "rtn"),
+    "gptq": Variant("gptq", "gptq"),
+    "mbq": Variant("mbq", "mbq"),
+    "smoothquant": Variant("smoothquant", "smoothquant"),
+    "tlq": Variant("tlq", "tlq"),
+}
+ABLATIONS = [
+    Variant("tlq: no exposure", "tlq", {"exposure": False}),
+    Variant("tlq: no token selection (rho=1)", "tlq", {"rho": 1.0}),
+    Variant("tlq: modality-level weights", "tlq", {"modality_level": True}),
+    Variant("tlq: beta=0", "tlq", {"beta": 0.0}),
+    Variant("tlq: beta=1", "tlq", {"beta": 1.0}),
+]
+PEER = Variant("llm-compressor gptq", "gptq", peer=True)
+
+
+def summarize(accuracies: list[float], fp_accuracy: float) -> dict:
+    """Mean, sample standard deviation (0 for one run) and % of FP accuracy retained."""
+    mean = statistics.fmean(accuracies)
+    std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    return {"mean": mean, "std": std, "retained_pct": 100 * mean / fp_accuracy if fp_accuracy else float("nan"),
+            "runs": len(accuracies)}
+
+
+def calibrate(model: str, variant: Variant, scheme: str, seed: int, num_samples: int, out: Path) -> Path:
+    from tlq_vllm.calibrate import CalibrationConfig, run
+
+    config = CalibrationConfig(model=model, scheme=scheme, method=variant.method, seed=seed,
+                               num_samples=num_samples, output=str(out), overwrite=True, progress=False,
+                               **variant.options)
+    return run(config.validate())
+
+
+def calibrate_peer(model: str, scheme: str, seed: int, num_samples: int, out: Path) -> Path:
+    """llm-compressor's GPTQ in its own venv, on exactly the records the calibrator would use."""
+    from tlq_vllm.calibrate.data import load_records
+
+    calib = out.with_suffix(".calib.jsonl")
+    records = load_records("easy-vqa", num_samples=num_samples, seed=seed)
+    calib.write_text("".join(json.dumps({"image": str(r.images[0]), "question": r.prompt, "answer": r.answer}) + "\n"
+                             for r in records))
+    cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--model", model, "--calib-jsonl", str(calib),
+           "--scheme", scheme, "--output", str(out), "--seed", str(seed)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llm-compressor peer failed ({scheme}, seed {seed}): {done.stderr.strip()[-2000:]}")
+    return out
+
+
+def tlq_importance(checkpoint: Path) -> list[dict] | None:
+    provenance = checkpoint / "tlq_provenance.json"
+    if not provenance.is_file():
+        return None
+    return json.loads(provenance.read_text()).get("importance", {}).get("per_layer_raw")
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def plan(args) -> list[tuple[Variant, str, int]]:
+    """(variant, scheme, seed) for every calibration of the run, in execution order."""
+    runs = []
+    for scheme in args.schemes:
+        for name in args.methods:
+            variant = METHOD_VARIANTS[name]
+            if variant.applies_to(scheme):
+                runs += [(variant, scheme, s) for s in (args.seeds[:1] if name == "rtn" else args.seeds)]
+        if args.peer and scheme in args.peer_schemes:
+            runs += [(PEER, scheme, s) for s in args.seeds]
+    if args.ablation_scheme:
+        runs += [(v, args.ablation_scheme, s) for v in ABLATIONS for s in args.seeds]
+    return runs
+
+
+def run_matrix(args) -> dict:
+    from transformers import AutoProcessor
+
+    from tlq_vllm.eval import hf, load_items
+    from tlq_vllm.eval.__main__ import evaluate_hf
+
+    model = str(args.model)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    items = load_items("easy-vqa", limit=args.eval_limit, seed=0)
+    processor = AutoProcessor.from_pretrained(model)
+    processor.tokenizer.padding_side = "left"
+    print(f"accuracy benchmark: {model}; {len(items)} easy-vqa test questions; calibration: "
+          f"{args.num_samples} easy-vqa train samples per run", flush=True)
+    encoded = hf.encode(processor, items)
+    fp, _, fp_log_probs = evaluate_hf(model, encoded, progress=False)
+    print(f"FP: accuracy {fp['accuracy']:.4f} ({fp['seconds']} s)", flush=True)
+    results = {"model": model, "machine": machine(), "eval": {"data": "easy-vqa test", "questions": len(items),
+               "subset_seed": 0}, "calibration_samples": args.num_samples, "seeds": args.seeds, "fp": fp,
+               "runs": [], "importance": None}
+    runs = plan(args)
+    for n, (variant, scheme, seed) in enumerate(runs, start=1):
+        out = work / f"{variant.label.replace(' ', '_').replace(':', '').replace('=', '')}-{scheme}-s{seed}"
+        t0 = time.time()
+        try:
+            if variant.peer:
+                checkpoint = calibrate_peer(model, scheme, seed, args.num_samples, out)
+            else:
+                checkpoint = calibrate(model, variant, scheme, seed, args.num_samples, out)
+        except Exception as err:  # a method that cannot do a scheme is a result, not a crash of the matrix
+            print(f"[{n}/{len(runs)}] {variant.label} {scheme} seed {seed}: FAILED: {err}", flush=True)
+            results["runs"].append({"variant": variant.label, "scheme": scheme, "seed": seed, "error": str(err)})
+            continue
+        seconds = round(time.time() - t0, 1)
+        metrics, _, _ = evaluate_hf(checkpoint, encoded, reference=fp_log_probs, progress=False)
+        if variant.label == "tlq" and results["importance"] is None:
+            results["importance"] = {"scheme": scheme, "seed": seed, "per_layer_raw": tlq_importance(checkpoint)}
+        results["runs"].append({"variant": variant.label, "scheme": scheme, "seed": seed,
+                                "calibration_seconds": seconds, **metrics})
+        print(f"[{n}/{len(runs)}] {variant.label:32s} {scheme} seed {seed}: accuracy {metrics['accuracy']:.4f}, "
+              f"top-1 agreement {metrics['top1_agreement']:.4f}, KL {metrics['mean_kl']:.4f} "
+              f"(calibration {seconds} s, eval {metrics['seconds']} s)", flush=True)
+        if not args.keep_checkpoints:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    results["summary"] = aggregate(results)
+    return results
+
+
+def aggregate(results: dict) -> list[dict]:
+    """Per (variant, scheme): accuracy mean/std/% retained, mean agreement and KL."""
+    fp_accuracy = results["fp"]["accuracy"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results["runs"]:
+        if "error" not in r:
+            groups.setdefault((r["variant"], r["scheme"]), []).append(r)
+    rows = []
+    for (variant, scheme), runs in groups.items():
+        rows.append({"variant": variant, "scheme": scheme,
+                     **summarize([r["accuracy"] for r in runs], fp_accuracy),
+                     "top1_agreement": statistics.fmean(r["top1_agreement"] for r in runs),
+                     "mean_kl": statistics.fmean(r["mean_kl"] for r in runs)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(TOYVLM), help="FP model directory (default: the toy VLM)")
+    parser.add_argument("--schemes", default="W4A16,W3A16,W4A8,W8A8")
+    parser.add_argument("--methods", default="rtn,gptq,mbq,smoothquant,tlq")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--num-samples", type=int, default=64, help="calibration samples per run (default 64)")
+    parser.add_argument("--eval-limit", type=int, default=2000,
+                        help="fixed subset of the easy-vqa test split (default 2000; 0 = all 9,673)")
+    parser.add_argument("--ablation-scheme", default="W4A16", help="scheme of the TLQ ablations ('' = none)")
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
+                        help="llm-compressor GPTQ rows (default: when .venv-llmc exists)")
+    parser.add_argument("--peer-schemes", default="W4A16,W3A16,W4A8,W8A8")
+    parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--work-dir", default=str(REPO / "out" / "bench-accuracy"))
+    parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI's reduced run: seed 0, 64 questions, W4A16, rtn+tlq, 8 samples, no ablations/peer")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.schemes, args.methods, args.seeds, args.eval_limit = "W4A16", "rtn,tlq", "0", 64
+        args.num_samples, args.ablation_scheme, args.peer = 8, "", False
+    try:
+        args.schemes = [s.strip().upper() for s in args.schemes.split(",") if s.strip()]
+        args.peer_schemes = [s.strip().upper() for s in args.peer_schemes.split(",") if s.strip()]
+        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+        unknown = [m for m in args.methods if m not in METHOD_VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_VARIANTS)}")
+        if not (Path(args.model) / "config.json").is_file():
+            raise ValueError(f"--model {args.model} is not a model directory (no config.json)")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.eval_limit = args.eval_limit or None
+    if args.peer is None:
+        args.peer = PEER_PYTHON.is_file()
+    if args.peer and not PEER_PYTHON.is_file():
+        print(f"error: --peer needs {PEER_PYTHON} (make peer-llmcompressor-setup)", file=sys.stderr)
+        return 2
+    started = time.time()
+    results = run_matrix(args)
+    results["wall_s"] = round(time.time() - started, 1)
+    results["command"] = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
+    from benchmarks.accuracy_report import write_report
+
+    paths = write_report(results, Path(args.results_dir))
+    print(f"wrote {', '.join(str(p) for p in paths)} in {results['wall_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Renders an accuracy benchmark result (benchmarks.accuracy) as accuracy.json, ACCURACY.md and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MAIN_ORDER = ["rtn", "gptq", "mbq", "smoothquant", "llm-compressor gptq", "tlq"]
+
+
+def cell(row: dict | None) -> str:
+    if row is None:
+        return "—"
+    return f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} ({row['retained_pct']:.1f}%)"
+
+
+def main_table(results: dict) -> list[str]:
+    summary = {(r["variant"], r["scheme"]): r for r in results["summary"]}
+    schemes = list(dict.fromkeys(r["scheme"] for r in results["summary"] if r["variant"] in MAIN_ORDER))
+    variants = [v for v in MAIN_ORDER if any(k[0] == v for k in summary)]
+    fp = 100 * results["fp"]["accuracy"]
+    lines = ["| method | " + " | ".join(schemes) + " |", "|---" * (len(schemes) + 1) + "|",
+             "| FP (bf16 weights) | " + " | ".join(f"{fp:.2f} (100%)" for _ in schemes) + " |"]
+    for v in variants:
+        lines.append(f"| {v} | " + " | ".join(cell(summary.get((v, s))) for s in schemes) + " |")
+    return lines
+
+
+def detail_table(rows: list[dict]) -> list[str]:
+    lines = ["| variant | scheme | runs | accuracy % (mean ± std) | % of FP | top-1 agreement | mean KL |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['scheme']} | {r['runs']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} "
+                     f"| {r['retained_pct']:.1f} | {r['top1_agreement']:.4f} | {r['mean_kl']:.5f} |")
+    return lines
+
+
+def write_markdown(results: dict, path: Path, plots: list[Path]) -> None:
+    m = results["machine"]
+    ablations = [r for r in results["summary"] if r["variant"].startswith("tlq:")]
+    ablation_scheme = ablations[0]["scheme"] if ablations else None
+    base = [r for r in results["summary"] if r["variant"] == "tlq" and r["scheme"] == ablation_scheme]
+    failures = [r for r in results["runs"] if "error" in r]
+    text = [
+        "# Accuracy: % of FP accuracy retained",
+        "",
+        f"Model `{Path(results['model']).name}`; evaluation: {results['eval']['questions']} questions of the "
+        f"{results['eval']['data']} split (fixed subset, seed {results['eval']['subset_seed']}), exact match after "
+        f"normalisation, greedy answers, transformers backend (`tlq_vllm.eval`: dequantized checkpoint weights, "
+        f"int8 per-token activations for A8 schemes, float32 compute). Calibration: "
+        f"{results['calibration_samples']} easy-vqa *train* samples per run, chosen by the seed "
+        f"(seeds {', '.join(map(str, results['seeds']))}); RTN uses no data and runs once.",
+        "",
+        f"Produced by `{results['command'].strip()}` on {m['cpu']} ({m['threads']} threads), {m['date']}, "
+        f"torch {m['torch']}; {results['wall_s'] / 60:.1f} min. Raw numbers: `accuracy.json`.",
+        "",
+        f"FP accuracy: **{100 * results['fp']['accuracy']:.2f}%**.",
+        "",
+        "## Accuracy % (mean ± std over seeds) and % of FP retained",
+        "",
+        *main_table(results),
+        "",
+    ]
+    if ablations:
+        text += [f"## TLQ ablations ({ablations[0]['scheme']})", "", *detail_table(base + ablations), ""]
+    text += ["## Agreement with the FP model on the answer tokens", "",
+             "Top-1 agreement: the argmax token equals FP's at the reference answer's positions (teacher forced). "
+             "Mean KL: KL(FP || quantized) over those positions.", "",
+             *detail_table([r for r in results["summary"] if not r["variant"].startswith("tlq:")]), ""]
+    if failures:
+        text += ["## Runs that failed", ""] + [f"- {r['variant']} {r['scheme']} seed {r['seed']}: {r['error'][:300]}"
+                                               for r in failures] + [""]
+    text += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    path.write_text("\n".join(text))
+
+
+def plot_retained(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = {(r["variant"], r["scheme"]): r for r in results["summary"]}
+    schemes = list(dict.fromkeys(r["scheme"] for r in results["summary"] if r["variant"] in MAIN_ORDER))
+    variants = [v for v in MAIN_ORDER if any(k[0] == v for k in summary)]
+    width = 0.8 / max(1, len(variants))
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(schemes)), 4))
+    fp = results["fp"]["accuracy"]
+    for i, v in enumerate(variants):
+        xs = [j + (i - (len(variants) - 1) / 2) * width for j, s in enumerate(schemes) if (v, s) in summary]
+        rows = [summary[(v, s)] for s in schemes if (v, s) in summary]
+        ax.bar(xs, [r["retained_pct"] for r in rows], width, yerr=[100 * r["std"] / fp for r in rows],
+               label=v, capsize=2)
+    ax.axhline(100, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(schemes)), schemes)
+    ax.set_ylabel("% of FP accuracy retained")
+    low = min((r["retained_pct"] for r in results["summary"]), default=90)
+    ax.set_ylim(max(0, low - 5), 102)
+    ax.legend(fontsize=8, ncol=3)
+    ax.set_title("easy-vqa test accuracy retained (mean, ±1 std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_importance(results: dict, path: Path) -> Path | None:
+    imp = results.get("importance") or {}
+    layers = imp.get("per_layer_raw")
+    if not layers:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for role in ("vision", "prompt", "answer"):
+        ax.plot(range(len(layers)), [layer[role] for layer in layers], marker="o", label=f"{role} tokens")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("mean gradient importance ||dL/dy||²")
+    ax.set_title(f"TLQ token importance per layer ({imp['scheme']}, seed {imp['seed']})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "accuracy.json"
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    plots = [plot_retained(results, out_dir / "accuracy_retained.png")]
+    importance = plot_importance(results, out_dir / "tlq_importance.png")
+    plots += [importance] if importance else []
+    md = out_dir / "ACCURACY.md"
+    write_markdown(results, md, plots)
+    return [json_path, md, *plots]

@@ -1,0 +1,112 @@
+"""The VQA evaluation harness (tlq_vllm.eval) and the accuracy benchmark's pure parts."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.accuracy import ABLATIONS, METHOD_VARIANTS, plan, summarize
+from tlq_vllm.calibrate.data import DataError
+from tlq_vllm.eval import load_items, normalize_answer, vqa_score
+from tlq_vllm.eval.hf import add_activation_quantization, agreement_and_kl
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("Yes.", "yes"), ("  The Circle! ", "circle"), ("two dogs", "2 dogs"), ("3.5", "3.5"), ("a red-ish", "red ish")],
+)
+def test_normalize_answer(text, expected):
+    assert normalize_answer(text) == expected
+
+
+def test_vqa_score_is_exact_match_for_one_answer_and_min_matches_over_3_for_many():
+    assert vqa_score("Circle", ["circle"]) == 1.0
+    assert vqa_score("square", ["circle"]) == 0.0
+    answers = ["red", "red", "dark red", "maroon", "red", "red", "crimson", "dark red", "red", "red"]
+    assert vqa_score("red", answers) == 1.0
+    assert vqa_score("dark red", answers) == pytest.approx(2 / 3)
+    assert vqa_score("maroon", answers) == pytest.approx(1 / 3)
+
+
+def test_easy_vqa_subset_is_fixed_by_limit_and_seed_and_comes_from_the_test_split():
+    full = load_items("easy-vqa")
+    assert len(full) == 9673 and all(it.id.startswith("easy-vqa-test:") for it in full)
+    a, b = load_items("easy-vqa", limit=50, seed=0), load_items("easy-vqa", limit=50, seed=0)
+    assert [it.id for it in a] == [it.id for it in b]
+    assert [it.id for it in a] != [it.id for it in load_items("easy-vqa", limit=50, seed=1)]
+
+
+def test_generic_jsonl_items_and_their_errors(tmp_path, sample_image):
+    sample_image.save(tmp_path / "img.png")
+    (tmp_path / "vqa.jsonl").write_text(
+        json.dumps({"image": "img.png", "question": "what?", "answers": [{"answer": "x"}, "y"]}) + "\n"
+    )
+    [item] = load_items(str(tmp_path / "vqa.jsonl"))
+    assert item.answers == ("x", "y") and item.image == (tmp_path / "img.png").resolve()
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "img.png", "question": "what?"}) + "\n")
+    with pytest.raises(DataError, match="needs image, question and answers"):
+        load_items(str(tmp_path / "bad.jsonl"))
+
+
+def test_agreement_and_kl_against_closed_form():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    q = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.2, 0.3]])
+    out = agreement_and_kl([p.log()[:1], p.log()[1:]], [q.log()[:1], q.log()[1:]])
+    kl = [sum(pi * math.log(pi / qi) for pi, qi in zip(pr, qr, strict=True)) for pr, qr in zip(p.tolist(), q.tolist(),
+                                                                                               strict=True)]
+    assert out["mean_kl"] == pytest.approx(sum(kl) / 2, rel=1e-5)
+    assert out["top1_agreement"] == 0.5 and out["answer_positions"] == 2
+
+
+def test_activation_quantization_hooks_quantize_inputs_of_the_targeted_linears_only():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 4, bias=False))
+    x = torch.randn(3, 8)
+    ref_first = model[0](x)
+    per_token = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}
+    config = {"ignore": ["1"], "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": per_token}}}
+    assert add_activation_quantization(model, config) == 1
+    q = x.abs().amax(-1, keepdim=True) / 127
+    expected_first = torch.nn.functional.linear(torch.round(x / q) * q, model[0].weight)
+    assert torch.allclose(model[0](x), expected_first, atol=1e-6)
+    assert not torch.allclose(model[0](x), ref_first, atol=1e-6)
+    h = model[0](x)
+    assert torch.equal(model[1](h), torch.nn.functional.linear(h, model[1].weight))  # ignored: untouched
+
+
+def test_summarize_reports_mean_sample_std_and_percent_retained():
+    out = summarize([0.8, 0.9, 1.0], fp_accuracy=1.0)
+    assert out["mean"] == pytest.approx(0.9) and out["std"] == pytest.approx(0.1)
+    assert out["retained_pct"] == pytest.approx(90.0) and out["runs"] == 3
+    assert summarize([0.5], 0.5)["std"] == 0.0
+
+
+def test_plan_runs_rtn_once_smoothquant_only_for_a8_and_ablations_on_their_scheme():
+    class Args:
+        schemes, methods, seeds = ["W4A16", "W8A8"], list(METHOD_VARIANTS), [0, 1, 2]
+        peer, peer_schemes, ablation_scheme = False, [], "W4A16"
+
+    runs = plan(Args)
+    labels = [(v.label, scheme, seed) for v, scheme, seed in runs]
+    assert [x for x in labels if x[0] == "rtn"] == [("rtn", "W4A16", 0), ("rtn", "W8A8", 0)]
+    assert {x[1] for x in labels if x[0] == "smoothquant"} == {"W8A8"}
+    assert len([x for x in labels if x[0].startswith("tlq:")]) == 3 * len(ABLATIONS)
+    assert len(labels) == len(set(labels))
+
+
+@pytest.mark.slow
+def test_quick_accuracy_benchmark_runs_end_to_end_and_writes_well_formed_results(tmp_path):
+    from benchmarks.accuracy import main
+
+    assert main(["--quick", "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work")]) == 0
+    results = json.loads((tmp_path / "results" / "accuracy.json").read_text())
+    assert results["eval"]["questions"] == 64 and 0 <= results["fp"]["accuracy"] <= 1
+    rows = {(r["variant"], r["scheme"]) for r in results["summary"]}
+    assert rows == {("rtn", "W4A16"), ("tlq", "W4A16")}
+    for r in results["summary"]:
+        assert 0 <= r["mean"] <= 1 and r["mean_kl"] >= 0 and 0 <= r["top1_agreement"] <= 1
+    assert results["importance"]["per_layer_raw"]
+    md = (tmp_path / "results" / "ACCURACY.md").read_text()
+    assert "| tlq |" in md and "accuracy_retained.png" in md
+    assert (tmp_path / "results" / "accuracy_retained.png").stat().st_size > 0

@@ -1,0 +1,100 @@
+"""VQA items and scoring: easy-vqa's test split or a generic VQA JSONL; exact match / VQA accuracy.
+
+A generic record is `{"image": "img.png", "question": "...", "answers": ["...", ...]}` (`answer`
+for a single one); image paths resolve relative to the JSONL file. Scoring normalises both sides
+(lower case, punctuation and articles dropped, number words to digits, as in the VQA evaluation
+script) and gives min(#annotators who gave the prediction / 3, 1): the VQA accuracy that
+TextVQA and VizWiz report; with one reference answer that is exact match.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlq_vllm.calibrate.data import DataError, resolve_image
+
+
+@dataclass(frozen=True)
+class VQAItem:
+    id: str
+    image: Path
+    question: str
+    answers: tuple[str, ...]
+
+
+def load_items(data: str, *, limit: int | None = None, seed: int = 0) -> list[VQAItem]:
+    """`easy-vqa` (the test split: 9,673 questions on 1,000 images, never used for calibration) or a
+    JSONL file. With `limit`, a fixed subset: the first `limit` items of a `seed`-shuffled order,
+    so the same (limit, seed) always selects the same questions."""
+    if data == "easy-vqa":
+        items = easy_vqa_test_items()
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise DataError(f"evaluation data {data!r} not found (expected easy-vqa or a .jsonl file)")
+        items = jsonl_items(path)
+    if not items:
+        raise DataError(f"evaluation data {data!r} is empty")
+    if limit is not None and limit < len(items):
+        order = list(range(len(items)))
+        random.Random(seed).shuffle(order)
+        items = [items[i] for i in sorted(order[:limit])]
+    return items
+
+
+def easy_vqa_test_items() -> list[VQAItem]:
+    import easy_vqa
+
+    questions, answers, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    return [
+        VQAItem(f"easy-vqa-test:{n}", Path(paths[i]), q, (a,))
+        for n, (q, a, i) in enumerate(zip(questions, answers, image_ids, strict=True))
+    ]
+
+
+def jsonl_items(path: Path) -> list[VQAItem]:
+    root = path.parent.resolve()
+    items = []
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+        answers = raw.get("answers", raw.get("answer"))
+        answers = [answers] if isinstance(answers, str) else answers
+        if not raw.get("image") or not raw.get("question") or not answers:
+            raise DataError(f"{where}: a VQA record needs image, question and answers")
+        answers = [a["answer"] if isinstance(a, dict) else str(a) for a in answers]  # VQA v2 style dicts too
+        items.append(VQAItem(str(raw.get("id", where)), resolve_image(raw["image"], root, where),
+                             raw["question"], tuple(answers)))
+    return items
+
+
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten".split())}
+_ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case; punctuation dropped (a period only when it is not a decimal point); number
+    words to digits; articles removed; whitespace collapsed."""
+    text = _PUNCTUATION.sub(" ", text.lower().replace("\n", " "))
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text).replace("'", "")
+    words = [_NUMBER_WORDS.get(w, w) for w in text.split() if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def vqa_score(prediction: str, answers: tuple[str, ...] | list[str]) -> float:
+    """min(matches / 3, 1) over normalised answers; 1 reference answer: exact match (0 or 1)."""
+    pred = normalize_answer(prediction)
+    matches = sum(normalize_answer(a) == pred for a in answers)
+    return 1.0 if len(answers) == 1 and matches else min(matches / 3, 1.0)

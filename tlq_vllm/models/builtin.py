@@ -1,0 +1,26 @@
+"""Models that ship with (or are built by) tlq_vllm, addressable by name wherever a model is expected.
+
+- `toyvlm`: the toy VLM trained on easy-vqa (benchmarks/toyvlm/train.py), committed under
+  tlq_vllm/assets/toyvlm-easyvqa: the calibrator's default and the accuracy benchmark's model;
+- `fixture:<name>`: an offline tiny VLM with random weights (tlq_vllm.testing.fixtures), for tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TOYVLM_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyvlm-easyvqa"
+
+
+def resolve_builtin(name: str) -> str | None:
+    """The local directory of a built-in model name, or None when `name` is not one.
+    Raises ValueError for an unknown fixture or a missing toy VLM."""
+    if name == "toyvlm":
+        if not (TOYVLM_DIR / "config.json").is_file():
+            raise ValueError(f"the toy VLM is missing from {TOYVLM_DIR} (python -m benchmarks.toyvlm.train)")
+        return str(TOYVLM_DIR)
+    if name.startswith("fixture:"):
+        from tlq_vllm.testing import build_fixture
+
+        return str(build_fixture(name.split(":", 1)[1]))
+    return None
