@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -129,29 +130,72 @@ def plan(args) -> list[tuple[Variant, str, int]]:
     return runs
 
 
-def run_matrix(args) -> dict:
+def encode_eval_set(model: str, limit: int | None):
     from transformers import AutoProcessor
 
     from tlq_vllm.eval import hf, load_items
+
+    items = load_items("easy-vqa", limit=limit, seed=0)
+    processor = AutoProcessor.from_pretrained(model)
+    processor.tokenizer.padding_side = "left"
+    return items, hf.encode(processor, items, progress=False)
+
+
+def run_matrix(args) -> dict:
+    """FP evaluation here, then the plan's calibrations split round-robin over `--jobs` worker
+    processes (one thread each: on a few cores, small models run faster side by side than threaded)."""
     from tlq_vllm.eval.__main__ import evaluate_hf
 
     model = str(args.model)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    items = load_items("easy-vqa", limit=args.eval_limit, seed=0)
-    processor = AutoProcessor.from_pretrained(model)
-    processor.tokenizer.padding_side = "left"
+    items, encoded = encode_eval_set(model, args.eval_limit)
     print(f"accuracy benchmark: {model}; {len(items)} easy-vqa test questions; calibration: "
-          f"{args.num_samples} easy-vqa train samples per run", flush=True)
-    encoded = hf.encode(processor, items)
+          f"{args.num_samples} easy-vqa train samples per run; {args.jobs} worker(s)", flush=True)
     fp, _, fp_log_probs = evaluate_hf(model, encoded, progress=False)
     print(f"FP: accuracy {fp['accuracy']:.4f} ({fp['seconds']} s)", flush=True)
+    torch.save(fp_log_probs, work / "fp_log_probs.pt")
+    del encoded
+    workers = []
+    for i in range(args.jobs):
+        cmd = [sys.executable, "-m", "benchmarks.accuracy", *args.argv, "--worker", f"{i}/{args.jobs}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
+        workers.append(subprocess.Popen(cmd, cwd=REPO, env=env))
+    try:
+        codes = [w.wait() for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.terminate()
+    if any(codes):
+        raise RuntimeError(f"accuracy workers exited with {codes}")
+    runs = [r for i in range(args.jobs) for r in json.loads((work / f"runs-{i}.json").read_text())]
+    order = {key: n for n, key in enumerate((v.label, sc, s) for v, sc, s in plan(args))}
+    runs.sort(key=lambda r: order[(r["variant"], r["scheme"], r["seed"])])
+    importance = next((r.pop("importance") for r in runs if r.get("importance")), None)
+    for r in runs:
+        r.pop("importance", None)
     results = {"model": model, "machine": machine(), "eval": {"data": "easy-vqa test", "questions": len(items),
                "subset_seed": 0}, "calibration_samples": args.num_samples, "seeds": args.seeds, "fp": fp,
-               "runs": [], "importance": None}
-    runs = plan(args)
-    for n, (variant, scheme, seed) in enumerate(runs, start=1):
-        out = work / f"{variant.label.replace(' ', '_').replace(':', '').replace('=', '')}-{scheme}-s{seed}"
+               "jobs": args.jobs, "runs": runs, "importance": importance}
+    results["summary"] = aggregate(results)
+    return results
+
+
+def run_worker(args) -> None:
+    """Calibrates and evaluates this worker's share of the plan; writes runs-<i>.json."""
+    from tlq_vllm.eval.__main__ import evaluate_hf
+
+    index, count = (int(x) for x in args.worker.split("/"))
+    model, work = str(args.model), Path(args.work_dir)
+    _, encoded = encode_eval_set(model, args.eval_limit)
+    fp_log_probs = torch.load(work / "fp_log_probs.pt")
+    runs = list(enumerate(plan(args), start=1))[index::count]
+    total = len(plan(args))
+    records = []
+    for n, (variant, scheme, seed) in runs:
+        name = variant.label.replace(" ", "_").replace(":", "").replace("=", "").replace("(", "").replace(")", "")
+        out = work / f"{name}-{scheme}-s{seed}"
         t0 = time.time()
         try:
             if variant.peer:
@@ -159,22 +203,21 @@ def run_matrix(args) -> dict:
             else:
                 checkpoint = calibrate(model, variant, scheme, seed, args.num_samples, out)
         except Exception as err:  # a method that cannot do a scheme is a result, not a crash of the matrix
-            print(f"[{n}/{len(runs)}] {variant.label} {scheme} seed {seed}: FAILED: {err}", flush=True)
-            results["runs"].append({"variant": variant.label, "scheme": scheme, "seed": seed, "error": str(err)})
+            print(f"[{n}/{total}] {variant.label} {scheme} seed {seed}: FAILED: {err}", flush=True)
+            records.append({"variant": variant.label, "scheme": scheme, "seed": seed, "error": str(err)})
             continue
         seconds = round(time.time() - t0, 1)
         metrics, _, _ = evaluate_hf(checkpoint, encoded, reference=fp_log_probs, progress=False)
-        if variant.label == "tlq" and results["importance"] is None:
-            results["importance"] = {"scheme": scheme, "seed": seed, "per_layer_raw": tlq_importance(checkpoint)}
-        results["runs"].append({"variant": variant.label, "scheme": scheme, "seed": seed,
-                                "calibration_seconds": seconds, **metrics})
-        print(f"[{n}/{len(runs)}] {variant.label:32s} {scheme} seed {seed}: accuracy {metrics['accuracy']:.4f}, "
-              f"top-1 agreement {metrics['top1_agreement']:.4f}, KL {metrics['mean_kl']:.4f} "
+        record = {"variant": variant.label, "scheme": scheme, "seed": seed, "calibration_seconds": seconds, **metrics}
+        if variant.label == "tlq" and scheme == args.schemes[0] and seed == args.seeds[0]:
+            record["importance"] = {"scheme": scheme, "seed": seed, "per_layer_raw": tlq_importance(checkpoint)}
+        records.append(record)
+        print(f"[{n}/{total}] {variant.label:32s} {scheme} seed {seed}: accuracy {metrics['accuracy']:.4f}, "
+              f"top-1 agreement {metrics['top1_agreement']:.4f}, KL {metrics['mean_kl']:.2e} "
               f"(calibration {seconds} s, eval {metrics['seconds']} s)", flush=True)
         if not args.keep_checkpoints:
             shutil.rmtree(checkpoint, ignore_errors=True)
-    results["summary"] = aggregate(results)
-    return results
+    (work / f"runs-{index}.json").write_text(json.dumps(records, indent=1) + "\n")
 
 
 def aggregate(results: dict) -> list[dict]:
@@ -199,22 +242,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schemes", default="W4A16,W3A16,W4A8,W8A8")
     parser.add_argument("--methods", default="rtn,gptq,mbq,smoothquant,tlq")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--num-samples", type=int, default=64, help="calibration samples per run (default 64)")
-    parser.add_argument("--eval-limit", type=int, default=2000,
-                        help="fixed subset of the easy-vqa test split (default 2000; 0 = all 9,673)")
+    parser.add_argument("--num-samples", type=int, default=32, help="calibration samples per run (default 32)")
+    parser.add_argument("--eval-limit", type=int, default=1000,
+                        help="fixed subset of the easy-vqa test split (default 1000; 0 = all 9,673)")
     parser.add_argument("--ablation-scheme", default="W4A16", help="scheme of the TLQ ablations ('' = none)")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
                         help="llm-compressor GPTQ rows (default: when .venv-llmc exists)")
-    parser.add_argument("--peer-schemes", default="W4A16,W3A16,W4A8,W8A8")
+    parser.add_argument("--peer-schemes", default="W4A16,W8A8")
     parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--work-dir", default=str(REPO / "out" / "bench-accuracy"))
     parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each (default 2)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: "i/n", this process's share of the plan
     parser.add_argument("--quick", action="store_true",
                         help="CI's reduced run: seed 0, 64 questions, W4A16, rtn+tlq, 8 samples, no ablations/peer")
     args = parser.parse_args(argv)
+    args.argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     if args.quick:
         args.schemes, args.methods, args.seeds, args.eval_limit = "W4A16", "rtn,tlq", "0", 64
-        args.num_samples, args.ablation_scheme, args.peer = 8, "", False
+        args.num_samples, args.ablation_scheme, args.peer, args.jobs = 8, "", False, 1
     try:
         args.schemes = [s.strip().upper() for s in args.schemes.split(",") if s.strip()]
         args.peer_schemes = [s.strip().upper() for s in args.peer_schemes.split(",") if s.strip()]
@@ -234,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer and not PEER_PYTHON.is_file():
         print(f"error: --peer needs {PEER_PYTHON} (make peer-llmcompressor-setup)", file=sys.stderr)
         return 2
+    if args.worker:
+        run_worker(args)
+        return 0
     started = time.time()
     results = run_matrix(args)
     results["wall_s"] = round(time.time() - started, 1)

@@ -31,7 +31,7 @@ def detail_table(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['scheme']} | {r['runs']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} "
-                     f"| {r['retained_pct']:.1f} | {r['top1_agreement']:.4f} | {r['mean_kl']:.5f} |")
+                     f"| {r['retained_pct']:.1f} | {r['top1_agreement']:.4f} | {r['mean_kl']:.2e} |")
     return lines
 
 

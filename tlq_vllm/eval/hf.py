@@ -30,6 +30,7 @@ def load_model(model_dir: str | Path, *, dtype=torch.float32):
     quant = config.get("quantization_config")
     kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if quant else {}
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, **kwargs).eval()
+    model.to(dtype)  # decompressed weights come back in the scales' dtype (bf16); bf16 -> float32 is exact
     if quant:
         add_activation_quantization(model, quant)
     processor = AutoProcessor.from_pretrained(model_dir)
