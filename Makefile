@@ -5,7 +5,8 @@ export VLLM_TARGET_DEVICE ?= cpu
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup calibrate test test-fast lint duplicates clean-fixtures
+.PHONY: setup calibrate test test-fast lint duplicates clean-fixtures toyvlm peer-llmcompressor-setup bench-accuracy \
+	bench-serving bench-kernels
 
 setup:
 	bash scripts/setup.sh
@@ -21,7 +22,24 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 lint: setup
-	$(PY) -m ruff check tlq_vllm tests scripts
+	$(PY) -m ruff check tlq_vllm tests scripts benchmarks
+
+# Benchmarks (docs/accuracy.md, docs/serving-benchmark.md, docs/kernels-benchmark.md); results in benchmarks/results/.
+# The toy VLM is committed; this retrains it (about 50 min on 2 cores) and rewrites its model card.
+toyvlm: setup
+	$(PY) -m benchmarks.toyvlm.train && $(PY) -m benchmarks.toyvlm.card
+
+peer-llmcompressor-setup:
+	bash benchmarks/peers/setup_llmcompressor.sh
+
+bench-accuracy: setup peer-llmcompressor-setup
+	$(PY) -m benchmarks.accuracy $(ARGS)
+
+bench-serving: setup
+	$(PY) -m benchmarks.serving $(ARGS)
+
+bench-kernels: setup
+	$(PY) -m benchmarks.kernels $(ARGS)
 
 clean-fixtures:
 	rm -rf $${TLQ_CACHE_DIR:-$$HOME/.cache/tlq_vllm}/fixtures

@@ -152,7 +152,7 @@ def run_matrix(args) -> dict:
     items, encoded = encode_eval_set(model, args.eval_limit)
     print(f"accuracy benchmark: {model}; {len(items)} easy-vqa test questions; calibration: "
           f"{args.num_samples} easy-vqa train samples per run; {args.jobs} worker(s)", flush=True)
-    fp, _, fp_log_probs = evaluate_hf(model, encoded, progress=False)
+    fp, fp_predictions, fp_log_probs = evaluate_hf(model, encoded, progress=False)
     print(f"FP: accuracy {fp['accuracy']:.4f} ({fp['seconds']} s)", flush=True)
     torch.save(fp_log_probs, work / "fp_log_probs.pt")
     del encoded
@@ -179,7 +179,46 @@ def run_matrix(args) -> dict:
                "subset_seed": 0}, "calibration_samples": args.num_samples, "seeds": args.seeds, "fp": fp,
                "jobs": args.jobs, "runs": runs, "importance": importance}
     results["summary"] = aggregate(results)
+    if args.served:
+        results["served"] = served_check(args, items, fp_predictions)
     return results
+
+
+def served_check(args, items, fp_predictions: list[str]) -> list[dict]:
+    """The served kernels: FP ("BF16") and TLQ seed-0 checkpoints of `--served` schemes behind
+    `python -m tlq_vllm.serve` (vLLM, CPU preset), asked the same questions through the OpenAI API,
+    against the transformers backend's answers for the same checkpoint."""
+    from tlq_vllm.eval import endpoint
+    from tlq_vllm.eval.__main__ import evaluate_hf, score
+    from tlq_vllm.serve.process import ServerProcess
+
+    work = Path(args.work_dir)
+    _, encoded = encode_eval_set(str(args.model), args.eval_limit)
+    rows = []
+    for scheme in args.served:
+        if scheme == "BF16":
+            checkpoint, hf_predictions = Path(args.model), fp_predictions
+        else:
+            checkpoint = calibrate(str(args.model), METHOD_VARIANTS["tlq"], scheme, args.seeds[0], args.num_samples,
+                                   work / f"served-tlq-{scheme}")
+            _, hf_predictions, _ = evaluate_hf(checkpoint, encoded, progress=False)
+        t0 = time.time()
+        try:
+            with ServerProcess(checkpoint, log=work / f"served-{scheme}.log",
+                               vllm_args=["--enforce-eager", "--max-model-len", "1024"]) as url:
+                served = endpoint.predict(f"{url}/v1", items, concurrency=8, progress=False)
+        except RuntimeError as err:
+            print(f"served {scheme}: FAILED: {err}", flush=True)
+            rows.append({"scheme": scheme, "error": str(err)})
+            continue
+        agree = sum(a == b for a, b in zip(served, hf_predictions, strict=True)) / len(items)
+        row = {"scheme": scheme, "method": "fp" if scheme == "BF16" else "tlq", "served_accuracy":
+               score(items, served)["accuracy"], "hf_accuracy": score(items, hf_predictions)["accuracy"],
+               "answer_agreement_served_vs_hf": agree, "seconds": round(time.time() - t0, 1)}
+        rows.append(row)
+        print(f"served {scheme}: accuracy {row['served_accuracy']:.4f} (transformers {row['hf_accuracy']:.4f}), "
+              f"answers agree {agree:.4f} ({row['seconds']} s)", flush=True)
+    return rows
 
 
 def run_worker(args) -> None:
@@ -249,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
                         help="llm-compressor GPTQ rows (default: when .venv-llmc exists)")
     parser.add_argument("--peer-schemes", default="W4A16,W8A8")
+    parser.add_argument("--served", default="BF16,W4A16,W8A8",
+                        help="also ask these (FP as BF16, TLQ seed 0) through tlq_vllm.serve ('' = none)")
+    parser.add_argument("--served-only", action="store_true",
+                        help="only run the served check and add it to --results-dir's accuracy.json")
     parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--work-dir", default=str(REPO / "out" / "bench-accuracy"))
     parser.add_argument("--keep-checkpoints", action="store_true")
@@ -260,9 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     if args.quick:
         args.schemes, args.methods, args.seeds, args.eval_limit = "W4A16", "rtn,tlq", "0", 64
-        args.num_samples, args.ablation_scheme, args.peer, args.jobs = 8, "", False, 1
+        args.num_samples, args.ablation_scheme, args.peer, args.jobs, args.served = 8, "", False, 1, ""
     try:
         args.schemes = [s.strip().upper() for s in args.schemes.split(",") if s.strip()]
+        args.served = [s.strip().upper() for s in args.served.split(",") if s.strip()]
         args.peer_schemes = [s.strip().upper() for s in args.peer_schemes.split(",") if s.strip()]
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -282,6 +326,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.worker:
         run_worker(args)
+        return 0
+    if args.served_only:  # add the served check to the results already in --results-dir
+        from tlq_vllm.eval.__main__ import evaluate_hf
+
+        results = json.loads((Path(args.results_dir) / "accuracy.json").read_text())
+        items, encoded = encode_eval_set(str(args.model), args.eval_limit)
+        _, fp_predictions, _ = evaluate_hf(str(args.model), encoded, progress=False)
+        del encoded
+        results["served"] = served_check(args, items, fp_predictions)
+        results["served_command"] = "python -m benchmarks.accuracy " + " ".join(args.argv)
+        from benchmarks.accuracy_report import write_report
+
+        print(f"wrote {', '.join(str(p) for p in write_report(results, Path(args.results_dir)))}")
         return 0
     started = time.time()
     results = run_matrix(args)

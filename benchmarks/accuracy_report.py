@@ -67,6 +67,23 @@ def write_markdown(results: dict, path: Path, plots: list[Path]) -> None:
              "Top-1 agreement: the argmax token equals FP's at the reference answer's positions (teacher forced). "
              "Mean KL: KL(FP || quantized) over those positions.", "",
              *detail_table([r for r in results["summary"] if not r["variant"].startswith("tlq:")]), ""]
+    served = results.get("served") or []
+    if served:
+        text += ["## Served through vLLM (`tlq_vllm.serve`, CPU preset) vs the transformers backend", "",
+                 "The same questions asked through the OpenAI API of a running server (greedy), for the FP model "
+                 "and TLQ seed-0 checkpoints; the last column is the share of questions where the served answer "
+                 "equals the transformers backend's answer for the same checkpoint."
+                 + (f" Command: `{results['served_command']}`." if results.get("served_command") else ""), "",
+                 "| checkpoint | served accuracy % | transformers accuracy % | answers agree % | seconds |",
+                 "|---|---|---|---|---|"]
+        for r in served:
+            if "error" in r:
+                text.append(f"| {r['scheme']} | failed: {r['error'][:200]} | | | |")
+            else:
+                name = "FP (BF16)" if r["scheme"] == "BF16" else f"tlq {r['scheme']}"
+                text.append(f"| {name} | {100 * r['served_accuracy']:.2f} | {100 * r['hf_accuracy']:.2f} | "
+                            f"{100 * r['answer_agreement_served_vs_hf']:.2f} | {r['seconds']} |")
+        text.append("")
     if failures:
         text += ["## Runs that failed", ""] + [f"- {r['variant']} {r['scheme']} seed {r['seed']}: {r['error'][:300]}"
                                                for r in failures] + [""]

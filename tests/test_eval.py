@@ -110,3 +110,32 @@ def test_quick_accuracy_benchmark_runs_end_to_end_and_writes_well_formed_results
     md = (tmp_path / "results" / "ACCURACY.md").read_text()
     assert "| tlq |" in md and "accuracy_retained.png" in md
     assert (tmp_path / "results" / "accuracy_retained.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_endpoint_backend_answers_like_the_transformers_backend(tmp_path):
+    """The toy VLM at W4A16 served by `tlq_vllm.serve` (vLLM, tlq plugin) and read by transformers
+    give the same greedy answers on nearly every question (bf16 serving vs float32 emulation may
+    flip a near-tie), and the CLI's --endpoint path reports accuracy."""
+    from transformers import AutoProcessor
+
+    from tlq_vllm.calibrate import CalibrationConfig, run
+    from tlq_vllm.eval import endpoint, hf
+    from tlq_vllm.eval.__main__ import evaluate_hf
+    from tlq_vllm.eval.__main__ import main as eval_main
+    from tlq_vllm.serve.process import ServerProcess
+
+    ckpt = run(CalibrationConfig(scheme="W4A16", method="rtn", output=str(tmp_path / "ckpt"), progress=False))
+    items = load_items("easy-vqa", limit=48, seed=3)
+    processor = AutoProcessor.from_pretrained(ckpt)
+    processor.tokenizer.padding_side = "left"
+    _, expected, _ = evaluate_hf(ckpt, hf.encode(processor, items, progress=False), progress=False)
+    vllm_args = ["--enforce-eager", "--max-model-len", "1024"]
+    with ServerProcess(ckpt, log=tmp_path / "server.log", vllm_args=vllm_args) as url:
+        served = endpoint.predict(f"{url}/v1", items, concurrency=4, progress=False)
+        assert eval_main(["--endpoint", f"{url}/v1", "--limit", "16", "--no-progress",
+                          "--output", str(tmp_path / "e.json")]) == 0
+    agree = sum(a == b for a, b in zip(served, expected, strict=True)) / len(items)
+    assert agree >= 0.9, list(zip(served, expected, strict=True))
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["metrics"]["questions"] == 16 and len(result["predictions"]) == 16

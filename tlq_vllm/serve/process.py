@@ -1,0 +1,97 @@
+"""`python -m tlq_vllm.serve` as a managed subprocess, for benchmarks and tests.
+
+`with ServerProcess(checkpoint, log=...) as url:` starts the launcher in its own process group,
+waits until `/health` answers, and on exit (also on an exception or Ctrl-C) terminates the whole
+group, engine core included, then kills what is left: no orphan servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def last_line(path: Path, pattern: tuple[str, ...] = ("Error", "error", "Exception")) -> str:
+    """The most telling line of a log: the last one naming an error, else the last line."""
+    with contextlib.suppress(OSError):
+        lines = [x.strip() for x in Path(path).read_text(errors="replace").splitlines() if x.strip()]
+        for line in reversed(lines):
+            if any(p in line for p in pattern):
+                return line[-300:]
+        if lines:
+            return lines[-1][-300:]
+    return "(empty log)"
+
+
+class ServerProcess:
+    """A served checkpoint: `with ServerProcess(ckpt, log=path) as url:` (url = http://127.0.0.1:PORT)."""
+
+    def __init__(self, checkpoint: str | Path, *, log: str | Path, preset: str = "cpu", launcher_args=(),
+                 vllm_args=("--enforce-eager",), timeout: float = 420.0, cwd: str | Path | None = None):
+        self.checkpoint, self.log_path, self.timeout = Path(checkpoint), Path(log), timeout
+        self.preset, self.launcher_args, self.vllm_args, self.cwd = preset, list(launcher_args), list(vllm_args), cwd
+        self.proc: subprocess.Popen | None = None
+        self.startup_s: float | None = None
+        self.url: str | None = None
+
+    def __enter__(self) -> str:
+        port = free_port()
+        cmd = [sys.executable, "-m", "tlq_vllm.serve", str(self.checkpoint), "--preset", self.preset,
+               "--port", str(port), *self.launcher_args, "--", *self.vllm_args]
+        # vLLM's default (engine core in its own process), also under a test conftest that turns it off.
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+        self._log = self.log_path.open("w")
+        start = time.time()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=env, cwd=self.cwd)
+        self.url = f"http://127.0.0.1:{port}"
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.time() - start
+        return self.url
+
+    def _wait_healthy(self) -> None:
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {last_line(self.log_path)}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            time.sleep(1)
+        raise RuntimeError(f"server not healthy after {self.timeout:.0f} s (log {self.log_path})")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+                if self.proc.poll() is not None:
+                    break
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(wait)
+            # Stragglers of the group (the engine core) whose leader has already gone.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
