@@ -5,7 +5,7 @@ export VLLM_TARGET_DEVICE ?= cpu
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup calibrate test test-fast lint duplicates clean-fixtures toyvlm peer-llmcompressor-setup bench-accuracy \
+.PHONY: setup calibrate test test-fast lint duplicates clean-fixtures toyvlm peer-llmcompressor-setup peer-llmcompressor bench-accuracy \
 	bench-serving bench-kernels
 
 setup:
@@ -31,6 +31,10 @@ toyvlm: setup
 
 peer-llmcompressor-setup:
 	bash benchmarks/peers/setup_llmcompressor.sh
+
+# ARGS: --model DIR --calib-jsonl FILE --scheme W4A16|W8A8|W4A8|W3A16 --output DIR [--seed N] [--overwrite]
+peer-llmcompressor: peer-llmcompressor-setup
+	.venv-llmc/bin/python benchmarks/peers/llmcompressor_gptq.py $(ARGS)
 
 bench-accuracy: setup peer-llmcompressor-setup
 	$(PY) -m benchmarks.accuracy $(ARGS)

@@ -91,7 +91,7 @@ def calibrate_peer(model: str, scheme: str, seed: int, num_samples: int, out: Pa
     calib.write_text("".join(json.dumps({"image": str(r.images[0]), "question": r.prompt, "answer": r.answer}) + "\n"
                              for r in records))
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--model", model, "--calib-jsonl", str(calib),
-           "--scheme", scheme, "--output", str(out), "--seed", str(seed)]
+           "--scheme", scheme, "--output", str(out), "--seed", str(seed), "--overwrite"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"llm-compressor peer failed ({scheme}, seed {seed}): {done.stderr.strip()[-2000:]}")
