@@ -37,13 +37,13 @@ import random
 import re
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from tlq_vllm.serve.process import ServerProcess, last_line
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = "BF16"
@@ -404,95 +404,9 @@ def ensure_checkpoint(model: str, scheme: str, checkpoint_dir: Path, method: str
     return out
 
 
-def last_line(path: Path, pattern: tuple[str, ...] = ("Error", "error", "Exception")) -> str:
-    """The most telling line of a log: the last one naming an error, else the last line."""
-    with contextlib.suppress(OSError):
-        lines = [x.strip() for x in path.read_text(errors="replace").splitlines() if x.strip()]
-        for line in reversed(lines):
-            if any(p in line for p in pattern):
-                return line[-300:]
-        if lines:
-            return lines[-1][-300:]
-    return "(empty log)"
-
-
 # ----------------------------------------------------------------------------------------------
 # Server and load generator
 # ----------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _term_with_parent() -> None:
-    """In the server's child process before exec: SIGTERM it when this benchmark dies, even by SIGKILL
-    (Linux PR_SET_PDEATHSIG; it survives exec). The server then shuts its engine processes down itself."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-class Server:
-    """`python -m tlq_vllm.serve CKPT` in its own process group; `with Server(...) as url:`."""
-
-    def __init__(self, checkpoint: Path, server_args: list[str], log: Path, timeout: float):
-        self.checkpoint, self.server_args, self.log_path, self.timeout = checkpoint, server_args, log, timeout
-        self.proc: subprocess.Popen | None = None
-        self.startup_s: float | None = None
-
-    def __enter__(self) -> str:
-        port = free_port()
-        cmd = [sys.executable, "-m", "tlq_vllm.serve", str(self.checkpoint), "--preset", "cpu", "--port", str(port),
-               "--", *self.server_args]
-        # vLLM's default (engine core in its own process), also under pytest's conftest, which turns it off.
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-        self._log = self.log_path.open("w")
-        start = time.time()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=env, cwd=REPO, preexec_fn=_term_with_parent)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            self._wait_healthy(url)
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_s = time.time() - start
-        return url
-
-    def _wait_healthy(self, url: str) -> None:
-        deadline = time.time() + self.timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {last_line(self.log_path)}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            time.sleep(1)
-        raise RuntimeError(f"server not healthy after {self.timeout:.0f} s (log {self.log_path}; a loaded machine "
-                           "may need a larger --startup-timeout)")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-                if self.proc.poll() is not None:
-                    break
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(wait)
-            # Stragglers of the group (the engine core) whose leader has already gone.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def bench_argv(url: str, model: str, dataset: Path, concurrency: int, args: argparse.Namespace,
@@ -697,7 +611,8 @@ def serve_and_bench(tag: str, rnd: int, name: str, checkpoint: Path, dataset: Pa
     """One server start and every concurrency level against it: (runs, {dtype, kernels} or {failed})."""
     log = work / "logs" / f"server-r{rnd}-{name}.log"
     start = time.time()
-    server = Server(checkpoint, args.server_arg_list, log, args.startup_timeout)
+    server = ServerProcess(checkpoint, log=log, vllm_args=args.server_arg_list, timeout=args.startup_timeout,
+                           cwd=REPO)
     try:
         url = server.__enter__()
     except RuntimeError as err:
