@@ -3,49 +3,20 @@
 Each server runs in its own process group and is killed by the fixture, also when a test fails.
 """
 
-import base64
 import concurrent.futures
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
 import torch
 
 from tlq_vllm.calibrate import CalibrationConfig, run
+from tlq_vllm.eval.endpoint import image_data_url
 from tlq_vllm.serve.cli import main as serve_main
+from tlq_vllm.serve.process import ServerProcess
 
 API_KEY = "test-key"
 QUESTIONS = ["What shape is in the image?", "What color is the shape?", "Is there a circle?", "Is it blue?"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def image_url(path) -> str:
-    return "data:image/png;base64," + base64.b64encode(open(path, "rb").read()).decode()
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 420) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"server at {url} not healthy after {timeout} s")
 
 
 @pytest.fixture(scope="module", params=["W4A16", "W8A8", "W3A16"])
@@ -54,27 +25,10 @@ def server(request, tmp_path_factory):
     scheme = request.param
     out = run(CalibrationConfig(model="fixture:qwen2-vl", scheme=scheme, method="tlq", num_samples=8,
                                 output=str(tmp_path_factory.mktemp(scheme) / "ckpt"), progress=False))
-    port = free_port()
-    log = open(out.parent / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tlq_vllm.serve", str(out), "--preset", "cpu", "--port", str(port),
-         "--api-key", API_KEY, "--", "--enforce-eager", "--max-model-len", "1024"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)
-        yield {"url": url, "model": str(out), "scheme": scheme, "checkpoint": out, "log": out.parent / "server.log"}
-    finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            if proc.poll() is None:
-                os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(wait)
-                except subprocess.TimeoutExpired:
-                    continue
-        log.close()
+    log = out.parent / "server.log"
+    with ServerProcess(out, log=log, launcher_args=["--api-key", API_KEY],
+                       vllm_args=["--enforce-eager", "--max-model-len", "1024"]) as url:
+        yield {"url": url, "model": str(out), "scheme": scheme, "checkpoint": out, "log": log}
 
 
 def client(server, api_key=API_KEY):
@@ -85,7 +39,7 @@ def client(server, api_key=API_KEY):
 
 def ask(server, image, question, **kwargs):
     messages = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": image_url(image)}}, {"type": "text", "text": question}]}]
+        {"type": "image_url", "image_url": {"url": image_data_url(image)}}, {"type": "text", "text": question}]}]
     return client(server).chat.completions.create(model=server["model"], messages=messages, temperature=0,
                                                   max_tokens=kwargs.pop("max_tokens", 6), **kwargs)
 

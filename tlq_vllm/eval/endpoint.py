@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import mimetypes
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -17,8 +18,9 @@ from tlq_vllm.eval.vqa import VQAItem
 
 
 def image_data_url(path) -> str:
+    """An image file as a data URL, the form OpenAI chat messages carry images in."""
     mime = mimetypes.guess_type(str(path))[0] or "image/png"
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
 
 
 def predict(url: str, items: list[VQAItem], *, model: str | None = None, concurrency: int = 8,
