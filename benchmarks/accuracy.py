@@ -214,7 +214,7 @@ def served_check(args, items, fp_predictions: list[str]) -> list[dict]:
         agree = sum(a == b for a, b in zip(served, hf_predictions, strict=True)) / len(items)
         row = {"scheme": scheme, "method": "fp" if scheme == "BF16" else "tlq", "served_accuracy":
                score(items, served)["accuracy"], "hf_accuracy": score(items, hf_predictions)["accuracy"],
-               "answer_agreement_served_vs_hf": agree, "seconds": round(time.time() - t0, 1)}
+               "answer_agreement_served_vs_hf": agree, "questions": len(items), "seconds": round(time.time() - t0, 1)}
         rows.append(row)
         print(f"served {scheme}: accuracy {row['served_accuracy']:.4f} (transformers {row['hf_accuracy']:.4f}), "
               f"answers agree {agree:.4f} ({row['seconds']} s)", flush=True)

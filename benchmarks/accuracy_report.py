@@ -70,7 +70,8 @@ def write_markdown(results: dict, path: Path, plots: list[Path]) -> None:
     served = results.get("served") or []
     if served:
         text += ["## Served through vLLM (`tlq_vllm.serve`, CPU preset) vs the transformers backend", "",
-                 "The same questions asked through the OpenAI API of a running server (greedy), for the FP model "
+                 f"{served[0].get('questions', '')} of the evaluation questions asked through the OpenAI API of a "
+                 "running server (greedy), for the FP model "
                  "and TLQ seed-0 checkpoints; the last column is the share of questions where the served answer "
                  "equals the transformers backend's answer for the same checkpoint."
                  + (f" Command: `{results['served_command']}`." if results.get("served_command") else ""), "",

@@ -1,8 +1,9 @@
 """`python -m tlq_vllm.serve` as a managed subprocess, for benchmarks and tests.
 
 `with ServerProcess(checkpoint, log=...) as url:` starts the launcher in its own process group,
-waits until `/health` answers, and on exit (also on an exception or Ctrl-C) terminates the whole
-group, engine core included, then kills what is left: no orphan servers.
+waits until `/health` answers, and on exit (also on an exception, Ctrl-C or SIGTERM: while a
+server runs, SIGTERM to the owning process raises SystemExit so the exit path runs) terminates
+the whole group, engine core included, then kills what is left: no orphan servers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -36,6 +38,10 @@ def last_line(path: Path, pattern: tuple[str, ...] = ("Error", "error", "Excepti
     return "(empty log)"
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through ServerProcess.__exit__, which stops the server
+
+
 class ServerProcess:
     """A served checkpoint: `with ServerProcess(ckpt, log=path) as url:` (url = http://127.0.0.1:PORT)."""
 
@@ -48,6 +54,8 @@ class ServerProcess:
         self.url: str | None = None
 
     def __enter__(self) -> str:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         port = free_port()
         cmd = [sys.executable, "-m", "tlq_vllm.serve", str(self.checkpoint), "--preset", self.preset,
                "--port", str(port), *self.launcher_args, "--", *self.vllm_args]
@@ -92,6 +100,9 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         if getattr(self, "_log", None):
             self._log.close()
+        if getattr(self, "_previous_sigterm", None) is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
     def __exit__(self, *exc) -> None:
         self.stop()
