@@ -27,6 +27,10 @@ def question_type(answer: str) -> str:
 
 
 def card_text(log: dict, fp: dict, by_type: dict) -> str:
+    weak_types = [t for t, v in by_type.items() if v["accuracy"] < v["majority"] + 0.05]
+    weak = (f"It has not learned to answer {' or '.join(weak_types)} questions in {log['steps']} steps: its accuracy "
+            "there is at the majority baseline, so it reads that information from the image poorly or not at all; "
+            "quantization cannot lose what the model does not have." if weak_types else "")
     rows = "\n".join(f"| {t} | {v['questions']} | {100 * v['accuracy']:.2f} | {100 * v['majority']:.2f} |"
                      for t, v in by_type.items())
     return f"""---
@@ -74,6 +78,7 @@ margin above it is what the model reads from the image.
 ## Limitations
 
 A toy: it answers easy-vqa's three question types about synthetic images and nothing else.
+{weak}
 """
 
 
@@ -85,9 +90,14 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(TOYVLM_DIR))
+    parser.add_argument("--reuse", action="store_true", help="rewrite the card from fp_accuracy.json, no evaluation")
     args = parser.parse_args(argv)
     model_dir = Path(args.model)
     log = json.loads((model_dir / "training_log.json").read_text())
+    if args.reuse:
+        fp = json.loads((model_dir / "fp_accuracy.json").read_text())
+        (model_dir / "README.md").write_text(card_text(log, fp, fp["by_type"]))
+        return 0
     items = load_items("easy-vqa")
     processor = AutoProcessor.from_pretrained(model_dir)
     processor.tokenizer.padding_side = "left"
