@@ -42,6 +42,8 @@ def build_model(workdir: Path) -> Path:
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads"):
         setattr(config.text_config, key, text[key])
+    if getattr(config.text_config, "layer_types", None):  # one entry per layer, sized by the fixture
+        config.text_config.layer_types = [config.text_config.layer_types[0]] * text["num_hidden_layers"]
     config.text_config.rope_parameters["mrope_section"] = [16, 24, 24]  # head_dim 128
     vision = snapshot["vision_config"]
     for key in ("depth", "embed_dim", "num_heads", "mlp_ratio"):
