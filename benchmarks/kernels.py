@@ -46,6 +46,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -175,29 +176,31 @@ def shapes_table(shapes: Sequence[dict]) -> str:
 
 
 CUDA_METHODS = {  # key in kernels_cuda.json -> (column title, weight format the method reads)
-    "triton_w3a16": ("Triton W3A16", "packed_int3"),
-    "torch_dense": ("torch fp16 dense", "fp16"),
-    "dequant_then_matmul": ("dequant + matmul", "packed_int3"),
+    "triton_w3a16": ("fused Triton W3A16", "packed_int3"),
+    "triton_dequant_then_matmul": ("Triton dequant + cuBLAS", "packed_int3"),
+    "torch_dense": ("torch 16-bit dense", "fp16"),
+    "dequant_then_matmul": ("torch dequant + matmul", "packed_int3"),
+    "baseline_triton_w3a16": ("baseline fused kernel", "packed_int3"),
 }
 
 
 def cuda_table(report: dict) -> str:
-    """The device run's rows: times, throughput, speedups and the correctness check."""
+    """The device run's rows: times, the fused kernel's throughput, w3a16_linear's speed vs dense, correctness."""
+    methods = [key for key in CUDA_METHODS if any(key in r.get("ms", {}) for r in report.get("results", []))]
     rows = []
     for r in report.get("results", []):
         head = [r.get("linear"), r.get("m"), r.get("dtype")]
         if "error" in r:
-            rows.append(head + [f"error: {r['error'][:120]}"] + [""] * 9)
+            rows.append(head + [f"error: {r['error'][:120]}"] + [""] * (len(methods) + 3))
             continue
         ms, tf, bw = r["ms"], r["tflops"], r["weight_gbps"]
-        rows.append(head + [fmt_num(ms[key]) for key in CUDA_METHODS] + [
-            fmt_num(tf["triton_w3a16"]), fmt_num(bw["triton_w3a16"]), fmt_num(bw["torch_dense"]),
-            f"x{r['speedup_vs_dense']:.2f}", f"x{r['speedup_vs_dequant']:.2f}",
+        rows.append(head + [fmt_num(ms[key]) if key in ms else "" for key in methods] + [
+            fmt_num(tf["triton_w3a16"]), fmt_num(bw["triton_w3a16"]),
+            f"{CUDA_METHODS[r.get('dispatched', 'triton_w3a16')][0]} x{r['speedup_vs_dense']:.2f}",
             f"{r['rel_err_vs_fp32_ref']:.1e} {'ok' if r['ok'] else 'FAIL'}",
         ])
-    headers = ["linear", "M", "dtype"] + [f"{title} ms" for title, _ in CUDA_METHODS.values()] + [
-        "Triton TFLOP/s", "Triton weight GB/s", "dense weight GB/s", "Triton vs dense", "Triton vs dequant",
-        "rel err (tol)",
+    headers = ["linear", "M", "dtype"] + [f"{CUDA_METHODS[key][0]} ms" for key in methods] + [
+        "fused TFLOP/s", "fused weight GB/s", "w3a16_linear vs dense", "rel err (tol)",
     ]
     return markdown_table(headers, rows)
 
@@ -730,15 +733,41 @@ def cuda_section(report: dict | None) -> str:
         f"## CUDA: {report['card']}",
         "",
         f"- Measured {report['date']} on {report['card']} ({report.get('sm_count')} SMs); torch {report['torch']}, "
-        f"triton {report['triton']}, CUDA {report.get('cuda')}. No vLLM there: the plugin's Triton W3A16 kernel "
-        "(tlq_vllm/kernels/w3a16.py) against torch's dense 16-bit matmul with the dequantized weight in memory "
-        "and against dequantize-then-matmul on every call.",
+        f"triton {report['triton']}, CUDA {report.get('cuda')}. No vLLM there: the W3A16 paths of "
+        "tlq_vllm/kernels/w3a16.py (the fused kernel, and the Triton dequantizer + cuBLAS that w3a16_linear "
+        "runs) against torch's dense 16-bit matmul with the dequantized weight in memory and against torch "
+        "dequantize-then-matmul on every call"
+        + (f"; baseline: {report['baseline']}." if report.get("baseline") else "."),
         f"- Timing: CUDA events, L2 flushed before each call, median of {report.get('iters')} calls. Correctness: "
         f"{ok}/{len(report['results'])} cases within tolerance (max |Y - Y_fp32| / max |Y_fp32|: "
-        f"{report.get('tolerance')}).",
+        f"{report.get('tolerance')}; the Triton dequantizer bit-exact with torch's).",
+        *([f"- {report['note']}"] if report.get("note") else []),
+        *cuda_summary(report),
         "",
         cuda_table(report),
     ])
+
+
+def cuda_summary(report: dict) -> list[str]:
+    """Median time ratios over the shapes, per phase and dtype (a ratio > 1: the second method is faster)."""
+    pairs = [("torch_dense", "triton_dequant_then_matmul", "w3a16_linear (Triton dequant + cuBLAS) vs dense"),
+             ("triton_w3a16", "triton_dequant_then_matmul", "Triton dequant + cuBLAS vs fused"),
+             ("dequant_then_matmul", "triton_dequant_then_matmul", "Triton dequant + cuBLAS vs torch dequant"),
+             ("baseline_triton_w3a16", "triton_w3a16", "fused vs baseline fused"),
+             ("baseline_triton_w3a16", "triton_dequant_then_matmul", "Triton dequant + cuBLAS vs baseline fused")]
+    rows = [r for r in report.get("results", []) if "ms" in r]
+    groups = sorted({(r.get("phase", ""), r["dtype"]) for r in rows}, key=lambda g: (g[0] != "decode", g))
+    lines = []
+    for slow, fast, title in pairs:
+        cells = []
+        for phase, dtype in groups:
+            ratios = [r["ms"][slow] / r["ms"][fast] for r in rows
+                      if (r.get("phase", ""), r["dtype"]) == (phase, dtype) and slow in r["ms"] and fast in r["ms"]]
+            if ratios:
+                cells.append(f"{phase} {dtype} x{statistics.median(ratios):.2f}")
+        if cells:
+            lines.append(f"- Speed-up, {title} (median over shapes and M): " + ", ".join(cells) + ".")
+    return lines
 
 
 def write_markdown(out_dir: Path, cpu: dict | None, cuda: dict | None) -> Path:

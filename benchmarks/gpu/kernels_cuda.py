@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import sys
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shape, M 1 and 17 (unless --m), 2 iterations (CPU, Triton interpreter)")
+    parser.add_argument("--baseline", type=Path,
+                        help="another revision of tlq_vllm/kernels/w3a16.py: also time its w3a16_matmul (A/B)")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for kernels_cuda.json")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -66,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_case(shape: kb.LinearShape, m: int, dtype_name: str, args: argparse.Namespace, flush: torch.Tensor) -> dict:
+def run_case(
+    shape: kb.LinearShape, m: int, dtype_name: str, args: argparse.Namespace, flush: torch.Tensor, baseline=None
+) -> dict:
     n, k, dtype = shape.n, shape.k, getattr(torch, dtype_name)
     p = check.make_problem(k, n, m, dtype, args.seed, flush.device.type)
     x, packed, scales = p["x"], p["packed"], p["scales"]  # [M, K], [N, ceil(K / 10)] int32, [N, K / G] bf16
@@ -82,18 +87,24 @@ def run_case(shape: kb.LinearShape, m: int, dtype_name: str, args: argparse.Name
     del ref
 
     w_hat = w3a16.dequantize_w3a16(packed, scales, k, G, dtype=dtype)  # [N, K], the unquantized baseline
+    row["triton_dequantize_exact"] = torch.equal(w3a16.dequantize_w3a16_triton(packed, scales, k, G, dtype), w_hat)
+    row["ok"] = row["ok"] and row["triton_dequantize_exact"]
     calls = {
         "triton_w3a16": lambda: w3a16.w3a16_matmul(x, packed, scales, G),
+        "triton_dequant_then_matmul": lambda: x @ w3a16.dequantize_w3a16_triton(packed, scales, k, G, dtype).T,
         "torch_dense": lambda: x @ w_hat.T,
         "dequant_then_matmul": lambda: x @ w3a16.dequantize_w3a16(packed, scales, k, G, dtype=dtype).T,
     }
+    if baseline is not None:  # another revision of the fused kernel, timed in the same run (A/B)
+        calls["baseline_triton_w3a16"] = lambda: baseline.w3a16_matmul(x, packed, scales, G)
     row["ms"] = {key: check.bench_ms(fn, args.iters, args.warmup, flush) for key, fn in calls.items()}
     flops = kb.matmul_flops(m, n, k)
     row["tflops"] = {key: kb.tflops(flops, ms / 1e3) for key, ms in row["ms"].items()}
     row["weight_gbps"] = {key: kb.gbps(kb.weight_bytes(kb.CUDA_METHODS[key][1], n, k), ms / 1e3)
                           for key, ms in row["ms"].items()}
-    row["speedup_vs_dense"] = row["ms"]["torch_dense"] / row["ms"]["triton_w3a16"]
-    row["speedup_vs_dequant"] = row["ms"]["dequant_then_matmul"] / row["ms"]["triton_w3a16"]
+    row["dispatched"] = "triton_dequant_then_matmul"  # what w3a16_linear runs on CUDA
+    row["speedup_vs_dense"] = row["ms"]["torch_dense"] / row["ms"][row["dispatched"]]
+    row["speedup_vs_dequant"] = row["ms"]["dequant_then_matmul"] / row["ms"][row["dispatched"]]
     return row
 
 
@@ -119,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference must be float32
     import triton
 
+    baseline = None
+    if args.baseline:  # registered in sys.modules first: its dataclasses look their module up there
+        spec = importlib.util.spec_from_file_location("w3a16_baseline", args.baseline)
+        baseline = sys.modules["w3a16_baseline"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(baseline)
     shapes = [SMOKE_SHAPE] if args.smoke else [s for s in kb.benchmark_shapes()
                                                if not args.shapes or s.linear in args.shapes]
     report = {
@@ -127,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         "sm_count": torch.cuda.get_device_properties(0).multi_processor_count if on_gpu else None,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "group_size": G, "iters": args.iters, "tolerance": check.TOLERANCE_FP32_REF,
+        "group_size": G, "baseline": str(args.baseline or ""),
+        "iters": args.iters, "tolerance": check.TOLERANCE_FP32_REF,
         "shapes": [asdict(s) for s in shapes], "results": [],
     }
     print(f"card: {report['card']} ({report['sm_count']} SMs)  date: {report['date']}")
@@ -142,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     report["stopped_early"] = f"--max-seconds {args.max_seconds} reached"
                     break
                 try:
-                    row = run_case(shape, m, dtype_name, args, flush)
+                    row = run_case(shape, m, dtype_name, args, flush, baseline)
                 except Exception as exc:  # one failing case must not lose the others
                     row = {"linear": shape.linear, "n": shape.n, "k": shape.k, "m": m, "dtype": dtype_name,
                            "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}

@@ -79,27 +79,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sweep_configs(m: int) -> list[w3a16.W3A16KernelConfig]:
-    """A few tilings around the default for this M (block_k 64 divides the group size 128)."""
+    """A few tilings around the default for this M (block_w: packed words per K tile)."""
     C = w3a16.W3A16KernelConfig
     if m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
         return [
-            C(bm, 32, 64, split_k=4, num_stages=4),
-            C(bm, 64, 64, split_k=1, num_stages=4),
-            C(bm, 64, 128, split_k=4, num_stages=3),
-            C(bm, 128, 64, split_k=8, num_stages=4),
-            C(bm, 64, 64, split_k=8, num_warps=2, num_stages=4),
+            C(bm, 32, 8, split_k=4),
+            C(bm, 64, 8, split_k=1),
+            C(bm, 64, 16, split_k=4),
+            C(bm, 128, 8, split_k=8),
+            C(bm, 64, 4, split_k=8, num_warps=2),
+            C(bm, 32, 16, split_k=8, num_warps=2),
         ]
     return [
-        C(64, 128, 64, num_warps=4, num_stages=4),
-        C(128, 128, 64, num_warps=8, num_stages=4),
-        C(128, 256, 64, num_warps=8, num_stages=3),
-        C(128, 64, 128, num_warps=4, num_stages=3),
+        C(64, 128, 4, num_warps=4, num_stages=4),
+        C(128, 128, 4, num_warps=8, num_stages=3),
+        C(128, 256, 2, num_warps=8, num_stages=3),
+        C(128, 64, 8, num_warps=4, num_stages=3),
     ]
 
 
 def config_dict(config: w3a16.W3A16KernelConfig) -> dict:
-    return {k: getattr(config, k) for k in ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")}
+    return {k: getattr(config, k) for k in ("block_m", "block_n", "block_w", "split_k", "num_warps", "num_stages")}
 
 
 def make_problem(in_features: int, out_features: int, m: int, dtype: torch.dtype, seed: int, device: str) -> dict:
@@ -217,7 +218,7 @@ def format_row(row: dict) -> str:
     )
     for entry in row.get("sweep", []):
         tiling = "/".join(
-            str(entry[k]) for k in ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")
+            str(entry[k]) for k in ("block_m", "block_n", "block_w", "split_k", "num_warps", "num_stages")
         )
         text += f"\n    sweep {tiling:<22} " + (
             f"{entry['ms']:.4f} ms err16={entry['max_abs_err_vs_16bit_ref']:.2e}" if "ms" in entry else entry["error"]

@@ -5,8 +5,8 @@ Checkpoint layout (compressed-tensors 0.17, symmetric): `weight_packed` int32
 `weight_scale` [out, in / group] in the model dtype, `weight_shape` [2].
 
 Kernels:
-- CUDA, 3-bit: the Triton W3A16 kernel (tlq_vllm.kernels.w3a16) reads the packed words and scales
-  directly; the dequantized matrix is never materialised.
+- CUDA, 3-bit: tlq_vllm.kernels.w3a16.w3a16_linear: a Triton kernel dequantizes the packed words
+  on every call (one pass) and cuBLAS multiplies; only the packed weight stays resident.
 - CPU (any bit width): dequantize once after loading into a weight cache in the model dtype and
   run a plain GEMM. Memory is that of the unquantized layer; the point is to serve the checkpoint
   correctly where no low-bit kernel exists.
