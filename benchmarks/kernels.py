@@ -178,8 +178,6 @@ def shapes_table(shapes: Sequence[dict]) -> str:
 CUDA_METHODS = {  # key in kernels_cuda.json -> (column title, weight format the method reads)
     "triton_w3a16": ("fused Triton W3A16", "packed_int3"),
     "triton_dequant_then_matmul": ("Triton dequant + cuBLAS", "packed_int3"),
-    "triton_gemv": ("Triton decode GEMV", "packed_int3"),
-    "w3a16_linear": ("w3a16_linear", "packed_int3"),
     "torch_dense": ("torch 16-bit dense", "fp16"),
     "dequant_then_matmul": ("torch dequant + matmul", "packed_int3"),
     "baseline_triton_w3a16": ("baseline fused kernel", "packed_int3"),
@@ -193,17 +191,16 @@ def cuda_table(report: dict) -> str:
     for r in report.get("results", []):
         head = [r.get("linear"), r.get("m"), r.get("dtype")]
         if "error" in r:
-            rows.append(head + [f"error: {r['error'][:120]}"] + [""] * (len(methods) + 4))
+            rows.append(head + [f"error: {r['error'][:120]}"] + [""] * (len(methods) + 3))
             continue
         ms, tf, bw = r["ms"], r["tflops"], r["weight_gbps"]
         rows.append(head + [fmt_num(ms[key]) if key in ms else "" for key in methods] + [
             fmt_num(tf["triton_w3a16"]), fmt_num(bw["triton_w3a16"]),
-            fmt_num(bw["triton_gemv"]) if "triton_gemv" in bw else "",
-            f"x{r['speedup_vs_dense']:.2f}",
+            f"{CUDA_METHODS[r.get('dispatched', 'triton_w3a16')][0]} x{r['speedup_vs_dense']:.2f}",
             f"{r['rel_err_vs_fp32_ref']:.1e} {'ok' if r['ok'] else 'FAIL'}",
         ])
     headers = ["linear", "M", "dtype"] + [f"{CUDA_METHODS[key][0]} ms" for key in methods] + [
-        "fused TFLOP/s", "fused weight GB/s", "GEMV weight GB/s", "w3a16_linear vs dense", "rel err (tol)",
+        "fused TFLOP/s", "fused weight GB/s", "w3a16_linear vs dense", "rel err (tol)",
     ]
     return markdown_table(headers, rows)
 
@@ -753,10 +750,7 @@ def cuda_section(report: dict | None) -> str:
 
 def cuda_summary(report: dict) -> list[str]:
     """Median time ratios over the shapes, per phase and dtype (a ratio > 1: the second method is faster)."""
-    pairs = [("torch_dense", "w3a16_linear", "w3a16_linear vs dense"),
-             ("torch_dense", "triton_gemv", "Triton decode GEMV vs dense"),
-             ("triton_dequant_then_matmul", "triton_gemv", "Triton decode GEMV vs Triton dequant + cuBLAS"),
-             ("torch_dense", "triton_dequant_then_matmul", "Triton dequant + cuBLAS vs dense"),
+    pairs = [("torch_dense", "triton_dequant_then_matmul", "w3a16_linear (Triton dequant + cuBLAS) vs dense"),
              ("triton_w3a16", "triton_dequant_then_matmul", "Triton dequant + cuBLAS vs fused"),
              ("dequant_then_matmul", "triton_dequant_then_matmul", "Triton dequant + cuBLAS vs torch dequant"),
              ("baseline_triton_w3a16", "triton_w3a16", "fused vs baseline fused"),

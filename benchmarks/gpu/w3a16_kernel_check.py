@@ -99,12 +99,6 @@ def sweep_configs(m: int) -> list[w3a16.W3A16KernelConfig]:
     ]
 
 
-def gemv_sweep_configs() -> list[w3a16.W3A16GemvConfig]:
-    """Tilings of the decode kernel (split_k as the default picks it, and fixed ones)."""
-    C = w3a16.W3A16GemvConfig
-    return [C(32, 16, 4), C(64, 8, 4), C(16, 32, 4), C(32, 16, 8), C(64, 16, 2, num_warps=8), C(32, 8, 8, num_warps=2)]
-
-
 def config_dict(config: w3a16.W3A16KernelConfig) -> dict:
     return {k: getattr(config, k) for k in ("block_m", "block_n", "block_w", "split_k", "num_warps", "num_stages")}
 
@@ -207,18 +201,6 @@ def run_case(name: str, m: int, dtype_name: str, args: argparse.Namespace, flush
             except Exception as exc:  # a tiling that does not compile or fit is recorded, not fatal
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
             row["sweep"].append(entry)
-        if m <= 16:
-            row["gemv_sweep"] = []
-            for config in [w3a16.default_gemv_config(m, out_features, in_features, x.device), *gemv_sweep_configs()]:
-                entry = {key: getattr(config, key) for key in ("block_n", "block_w", "split_k", "num_warps")}
-                try:
-                    y = w3a16.w3a16_gemv(x, packed, scales, GROUP_SIZE, config=config)
-                    entry["max_abs_err_vs_fp32_ref"] = (y.float() - x.float() @ w_hat.float().T).abs().max().item()
-                    entry["ms"] = bench_ms(lambda c=config: w3a16.w3a16_gemv(x, packed, scales, GROUP_SIZE, config=c),
-                                           args.iters, args.warmup, flush)
-                except Exception as exc:  # recorded, not fatal
-                    entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
-                row["gemv_sweep"].append(entry)
     return row
 
 
@@ -234,9 +216,6 @@ def format_row(row: dict) -> str:
         f"{row['triton_tflops']:.1f} TFLOP/s) dense {ms['torch_dense']:.4f} ms deq+mm "
         f"{ms['torch_dequant_then_matmul']:.4f} ms | x{row['speedup_vs_dense']:.2f} vs dense"
     )
-    for entry in row.get("gemv_sweep", []):
-        tiling = "/".join(str(entry[k]) for k in ("block_n", "block_w", "split_k", "num_warps"))
-        text += f"\n    gemv {tiling:<16} " + (f"{entry['ms']:.4f} ms" if "ms" in entry else entry["error"])
     for entry in row.get("sweep", []):
         tiling = "/".join(
             str(entry[k]) for k in ("block_m", "block_n", "block_w", "split_k", "num_warps", "num_stages")

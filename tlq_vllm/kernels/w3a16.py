@@ -53,9 +53,6 @@ _FIELD_MASK = (1 << NUM_BITS) - 1  # 0b111
 
 HAS_TRITON = triton is not None
 
-# w3a16_linear on CUDA: the decode kernel w3a16_gemv up to this many tokens, dequantize + cuBLAS above.
-GEMV_MAX_TOKENS = 4
-
 
 def packed_columns(in_features: int) -> int:
     """Number of int32 words per row of `weight_packed`: ceil(in_features / 10)."""
@@ -281,63 +278,6 @@ if HAS_TRITON:
         out = out_ptr + offs_n.to(tl.int64)[:, None, None] * stride_on + k[None, :, :] * stride_ok
         tl.store(out, w_hat.to(out_ptr.dtype.element_ty), mask=mask_n[:, None, None] & valid[None, :, :])
 
-    @triton.jit
-    def _w3a16_gemv_kernel(
-        x_ptr,  # X [M, K] fp16/bf16, M small
-        packed_ptr,  # P [N, WORDS] int32
-        scales_ptr,  # S [N, K / GROUP_SIZE]
-        out_ptr,  # Y [SPLIT_K, M, N] (fp32 partial sums when SPLIT_K > 1, else X's dtype)
-        N,
-        K,
-        WORDS,
-        stride_xm,
-        stride_xk,
-        stride_pn,
-        stride_pw,
-        stride_sn,
-        stride_sg,
-        stride_os,
-        stride_om,
-        stride_on,
-        GROUP_SIZE: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_W: tl.constexpr,
-        SPLIT_K: tl.constexpr,
-    ):
-        """One program: BLOCK_N outputs of one row m of Y, over word tiles pid_k, pid_k + SPLIT_K, ...
-
-        For a few tokens the work is reading the weight, so no tensor cores and no layout changes:
-        W_hat [BN, BW, 16] is unpacked in registers (float32, exact), multiplied by X's matching
-        [BW, 16] slots (padding slots read as 0) and summed over both K axes. Each row of X is its
-        own program, so the packed weight is read M times (from L2 when rows run together).
-        """
-        pid_n = tl.program_id(0)
-        m = tl.program_id(1).to(tl.int64)
-        pid_k = tl.program_id(2)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        mask_n = offs_n < N
-        rw = tl.arange(0, BLOCK_W)  # [BW]
-        rj = tl.arange(0, 16)  # [16]
-        p_rows = packed_ptr + offs_n.to(tl.int64)[:, None] * stride_pn  # [BN, 1]
-        s_rows = scales_ptr + offs_n.to(tl.int64) * stride_sn  # [BN]
-        x_row = x_ptr + m * stride_xm
-
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for t in range(pid_k, tl.cdiv(WORDS, BLOCK_W), SPLIT_K):
-            w0 = t * BLOCK_W
-            offs_w = w0 + rw  # [BW]
-            words = tl.load(
-                p_rows + offs_w[None, :] * stride_pw, mask=mask_n[:, None] & (offs_w < WORDS)[None, :], other=0
-            )  # [BN, BW]
-            w_hat = _expand_words(words, w0, rw, rj, s_rows, mask_n, K, WORDS, stride_sg, GROUP_SIZE)
-            k = offs_w[:, None] * 10 + rj[None, :]  # [BW, 16]
-            valid = (rj[None, :] < 10) & (k < K)  # [BW, 16]
-            x = tl.load(x_row + k * stride_xk, mask=valid, other=0.0).to(tl.float32)  # [BW, 16]
-            acc += tl.sum(tl.sum(w_hat * x[None, :, :], axis=2), axis=1)  # [BN]
-
-        out = out_ptr + pid_k * stride_os + m * stride_om + offs_n * stride_on
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
-
 
 @dataclass(frozen=True)
 class W3A16KernelConfig:
@@ -384,28 +324,6 @@ def default_config(m: int, n: int, k: int, group_size: int, device: torch.device
     return W3A16KernelConfig(block_m=block_m, block_n=block_n, block_w=block_w, split_k=split_k, num_stages=3)
 
 
-@dataclass(frozen=True)
-class W3A16GemvConfig:
-    """Tiling of `w3a16_gemv`: block_n outputs (a power of two >= 16) and block_w packed words (a power
-    of two) per step; split_k as in W3A16KernelConfig."""
-
-    block_n: int = 32
-    block_w: int = 16
-    split_k: int = 1
-    num_warps: int = 4
-
-
-def default_gemv_config(m: int, n: int, k: int, device: torch.device) -> W3A16GemvConfig:
-    """Enough programs for ~4 waves over the SMs, at least 2 word tiles each (interpreter: one program per row)."""
-    if _interpreting() or device.type != "cuda":
-        return W3A16GemvConfig(block_n=min(128, max(16, _next_pow2(n))), block_w=16)
-    config = W3A16GemvConfig()
-    programs = m * math.ceil(n / config.block_n)
-    word_tiles = math.ceil(packed_columns(k) / config.block_w)
-    split_k = max(1, min(math.ceil(4 * _num_sms(device.index or 0) / programs), word_tiles // 2, 16))
-    return W3A16GemvConfig(config.block_n, config.block_w, split_k, config.num_warps)
-
-
 def _check_config(config: W3A16KernelConfig) -> None:
     def pow2(v: int, least: int) -> bool:
         return v >= least and v & (v - 1) == 0
@@ -414,20 +332,6 @@ def _check_config(config: W3A16KernelConfig) -> None:
         raise ValueError(f"block_m and block_n must be powers of two >= 16, block_w a power of two, got {config}")
     if config.split_k < 1:
         raise ValueError(f"split_k must be >= 1, got {config.split_k}")
-
-
-def _check_x(x: torch.Tensor) -> None:
-    if x.ndim != 2 or x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"x must be a 2-D float16/bfloat16 tensor [M, in], got {x.dtype} of shape {tuple(x.shape)}")
-
-
-def _split_k_buffer(m: int, n: int, split_k: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The kernels' output and its split stride: Y [M, N] in x's dtype, or fp32 partials [split_k, M, N]
-    that the caller sums (torch rounds the sum once)."""
-    if split_k == 1:
-        return torch.empty((m, n), device=x.device, dtype=x.dtype), 0
-    out = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
-    return out, out.stride(0)
 
 
 def _check_kernel_inputs(
@@ -503,7 +407,8 @@ def w3a16_matmul(
     Constraints: in % group_size == 0; any M >= 1 and any out (masked); in need not be a multiple of
     10. Tensors on CUDA, or on CPU when TRITON_INTERPRET=1 was set before triton was imported (tests).
     """
-    _check_x(x)
+    if x.ndim != 2 or x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be a 2-D float16/bfloat16 tensor [M, in], got {x.dtype} of shape {tuple(x.shape)}")
     m, k = x.shape
     _check_kernel_inputs("w3a16_matmul", packed, scales, k, group_size, x.device)
     n = packed.shape[0]
@@ -512,7 +417,12 @@ def w3a16_matmul(
     config = config or default_config(m, n, k, group_size, x.device)
     _check_config(config)
 
-    out, stride_os = _split_k_buffer(m, n, config.split_k, x)
+    if config.split_k == 1:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)  # [M, N]
+        stride_os = 0
+    else:
+        out = torch.empty((config.split_k, m, n), device=x.device, dtype=torch.float32)  # [S, M, N] partials
+        stride_os = out.stride(0)
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
     _w3a16_matmul_kernel[grid](
         x,
@@ -543,63 +453,9 @@ def w3a16_matmul(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return out if config.split_k == 1 else out.sum(dim=0).to(x.dtype)  # [M, N]
-
-
-def w3a16_gemv(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    group_size: int = 128,
-    *,
-    config: W3A16GemvConfig | None = None,
-) -> torch.Tensor:
-    """Y = X W_hat^T for a few tokens (decode), reading only the packed words: x [M, in] -> [M, out].
-
-    Same contract as w3a16_matmul. Products and sums are float32 (W_hat is not rounded to X's
-    dtype first), so it is at least as accurate as dequantize-then-matmul.
-    """
-    _check_x(x)
-    m, k = x.shape
-    _check_kernel_inputs("w3a16_gemv", packed, scales, k, group_size, x.device)
-    n = packed.shape[0]
-    if m == 0:
-        return x.new_empty((0, n))
-    config = config or default_gemv_config(m, n, k, x.device)
-    if not (
-        config.block_n >= 16
-        and config.block_n & (config.block_n - 1) == 0
-        and config.block_w >= 1
-        and config.block_w & (config.block_w - 1) == 0
-        and config.split_k >= 1
-    ):
-        raise ValueError(f"block_n must be a power of two >= 16, block_w a power of two, split_k >= 1: {config}")
-    out, stride_os = _split_k_buffer(m, n, config.split_k, x)
-    grid = (triton.cdiv(n, config.block_n), m, config.split_k)
-    _w3a16_gemv_kernel[grid](
-        x,
-        packed,
-        scales,
-        out,
-        n,
-        k,
-        packed.shape[1],
-        x.stride(0),
-        x.stride(1),
-        packed.stride(0),
-        packed.stride(1),
-        scales.stride(0),
-        scales.stride(1),
-        stride_os,
-        out.stride(-2),
-        out.stride(-1),
-        GROUP_SIZE=group_size,
-        BLOCK_N=config.block_n,
-        BLOCK_W=config.block_w,
-        SPLIT_K=config.split_k,
-        num_warps=config.num_warps,
-    )
-    return out if config.split_k == 1 else out.sum(dim=0).to(x.dtype)  # [M, N]
+    if config.split_k > 1:
+        out = out.sum(dim=0).to(x.dtype)  # [M, N]
+    return out
 
 
 def w3a16_linear(
@@ -619,14 +475,9 @@ def w3a16_linear(
     """
     in_features = x.shape[-1]
     x2 = x.reshape(-1, in_features)  # [M, in]
-    bias = None if bias is None else bias.to(x.dtype)
-    if x.is_cuda and HAS_TRITON and x2.shape[0] <= GEMV_MAX_TOKENS:
-        y = w3a16_gemv(x2, packed, scales, group_size)  # [M, out]
-        y = y if bias is None else y + bias
+    if x.is_cuda and HAS_TRITON:
+        w = dequantize_w3a16_triton(packed, scales, in_features, group_size, dtype=x.dtype)  # [out, in]
     else:
-        if x.is_cuda and HAS_TRITON:
-            w = dequantize_w3a16_triton(packed, scales, in_features, group_size, dtype=x.dtype)  # [out, in]
-        else:
-            w = dequantize_w3a16(packed, scales, in_features, group_size, dtype=x.dtype)  # [out, in]
-        y = torch.nn.functional.linear(x2, w, bias)
+        w = dequantize_w3a16(packed, scales, in_features, group_size, dtype=x.dtype)  # [out, in]
+    y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x.dtype))
     return y.reshape(*x.shape[:-1], packed.shape[0])
