@@ -208,6 +208,17 @@ def _json_key(conc) -> int:
     return int(conc)
 
 
+def _checkpoint_table(table: dict, names: list[str], columns, cell) -> list[str]:
+    """A markdown table with a row per checkpoint and concurrency of table[name][conc][metric], cell-formatted."""
+    lines = ["| checkpoint | concurrency | " + " | ".join(h for _, h in columns) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
+    for name in names:
+        for conc in sorted(table.get(name, {}), key=_json_key):
+            cells = [cell(table[name][conc].get(m)) for m, _ in columns]
+            lines.append(f"| {name} | {conc} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     """SERVING.md from the report dict that is also written as serving.json."""
     cfg, machine = report["config"], report["machine"]
@@ -246,27 +257,14 @@ def render_markdown(report: dict) -> str:
         "",
         "## Median over rounds",
         "",
-        "| checkpoint | concurrency | " + " | ".join(h for _, h in MEDIAN_COLUMNS) + " |",
-        "|---|---:|" + "---:|" * len(MEDIAN_COLUMNS),
-    ]
-    for name in names:
-        for conc in sorted(report["medians"][name], key=_json_key):
-            per = report["medians"][name][conc]
-            cells = [fmt((per.get(m) or {}).get("median")) for m, _ in MEDIAN_COLUMNS]
-            lines.append(f"| {name} | {conc} | " + " | ".join(cells) + " |")
-    lines += [
+        *_checkpoint_table(report["medians"], names, MEDIAN_COLUMNS, lambda v: fmt((v or {}).get("median"))),
         "",
         f"## Ratio to {report['baseline']} of the same round: min / **median** / max over rounds",
         "",
         "Throughput ratios above 1 and latency ratios below 1 favour the quantized checkpoint.",
         "",
-        "| checkpoint | concurrency | " + " | ".join(h for _, h in RATIO_COLUMNS) + " |",
-        "|---|---:|" + "---:|" * len(RATIO_COLUMNS),
+        *_checkpoint_table(report["ratios"], names, RATIO_COLUMNS, fmt_ratio),
     ]
-    for name in names:
-        for conc in sorted(report["ratios"].get(name, {}), key=_json_key):
-            per = report["ratios"][name][conc]
-            lines.append(f"| {name} | {conc} | " + " | ".join(fmt_ratio(per.get(m)) for m, _ in RATIO_COLUMNS) + " |")
     if report.get("interrupted"):
         lines += ["", "**This run was interrupted**: only the runs listed in serving.json finished."]
     if report["skipped"]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,19 +94,22 @@ def easy_vqa_records() -> list[Record]:
     ]
 
 
-def jsonl_records(path: Path) -> list[Record]:
-    root = path.parent.resolve()
-    records = []
+def jsonl_values(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, value) for each non-blank line of a JSONL file, where = "path:line" for error messages."""
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
         try:
-            raw = json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-        records.append(parse_record(raw, root, where))
-    return records
+        yield where, value
+
+
+def jsonl_records(path: Path) -> list[Record]:
+    root = path.parent.resolve()
+    return [parse_record(raw, root, where) for where, raw in jsonl_values(path)]
 
 
 def parse_record(raw: dict, root: Path, where: str) -> Record:

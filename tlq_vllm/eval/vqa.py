@@ -9,13 +9,12 @@ TextVQA and VizWiz report; with one reference answer that is exact match.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlq_vllm.calibrate.data import DataError, resolve_image
+from tlq_vllm.calibrate.data import DataError, jsonl_values, resolve_image
 
 
 @dataclass(frozen=True)
@@ -60,14 +59,7 @@ def easy_vqa_test_items() -> list[VQAItem]:
 def jsonl_items(path: Path) -> list[VQAItem]:
     root = path.parent.resolve()
     items = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+    for where, raw in jsonl_values(path):
         answers = raw.get("answers", raw.get("answer"))
         answers = [answers] if isinstance(answers, str) else answers
         if not raw.get("image") or not raw.get("question") or not answers:
