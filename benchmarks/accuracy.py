@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import common
+
 REPO = Path(__file__).resolve().parent.parent
 TOYVLM = REPO / "tlq_vllm" / "assets" / "toyvlm-easyvqa"
 PEER_PYTHON = REPO / ".venv-llmc" / "bin" / "python"
@@ -106,13 +108,10 @@ def tlq_importance(checkpoint: Path) -> list[dict] | None:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__, "python": platform.python_version()}
+    """The machine as accuracy.json records it (benchmarks.common's facts)."""
+    facts = common.cpu_facts()
+    return {"cpu": facts["cpu_model"], "isa_flags": facts["isa_flags"], "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def plan(args) -> list[tuple[Variant, str, int]]:

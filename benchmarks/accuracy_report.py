@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from benchmarks import common
 
 MAIN_ORDER = ["rtn", "gptq", "mbq", "smoothquant", "llm-compressor gptq", "tlq"]
 
@@ -149,8 +150,7 @@ def plot_importance(results: dict, path: Path) -> Path | None:
 
 def write_report(results: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "accuracy.json"
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    json_path = common.write_json(out_dir / "accuracy.json", results)
     plots = [plot_retained(results, out_dir / "accuracy_retained.png")]
     importance = plot_importance(results, out_dir / "tlq_importance.png")
     plots += [importance] if importance else []

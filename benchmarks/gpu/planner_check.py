@@ -8,7 +8,7 @@ pure Python: carry their site-packages folders and put them on PYTHONPATH, e.g.
         carry=[".carry"])    # .carry/ holds compressed_tensors/ and easy_vqa/ copied from .venv
 
 The model is the qwen2-vl fixture (its tokenizer, processor, chat template) with the decoder and
-vision dimensions of Qwen2-VL-2B (calibrate/configs/qwen2-vl-2b.json), random weights.
+vision dimensions of Qwen2-VL-2B (tlq_vllm/models/config_snapshots/qwen2-vl-2b.json), random weights.
 Prints card, date, per-stage measured vs planned device peaks, seconds per stage; writes
 $OUT/planner_check.json when OUT is set.
 """
@@ -37,7 +37,7 @@ def build_model(workdir: Path) -> Path:
 
     fixture = build_fixture("qwen2-vl")
     config = AutoConfig.from_pretrained(fixture)
-    snapshot = json.loads((ROOT / "calibrate/configs/qwen2-vl-2b.json").read_text())
+    snapshot = json.loads((ROOT / "tlq_vllm/models/config_snapshots/qwen2-vl-2b.json").read_text())
     text = snapshot.get("text_config", snapshot)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads"):

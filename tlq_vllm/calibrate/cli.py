@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 from dataclasses import fields
 
-from tlq_vllm.calibrate.config import GRANULARITIES, METHODS, CalibrationConfig, ConfigError, load_recipe
+from tlq_vllm.calibrate.config import (
+    GRANULARITIES,
+    METHODS,
+    CalibrationConfig,
+    ConfigError,
+    available_recipes,
+    load_recipe,
+)
 from tlq_vllm.calibrate.schemes import SCHEMES
+from tlq_vllm.paths import python_command
 
 DEFAULTS = CalibrationConfig()
 
@@ -28,12 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = DEFAULTS
-    p.add_argument("--recipe", help="YAML file of options (see calibrate/); flags override it")
+    p.add_argument("--recipe", help="YAML file of options, or the name of a shipped recipe "
+                   f"({', '.join(available_recipes())}); flags override it")
     io = p.add_argument_group("what to calibrate")
     io.add_argument(
         "--model", help=f"HF model id, local directory, toyvlm or fixture:<name> (default {d.model}: the toy VLM)"
     )
-    io.add_argument("--data", help=f"easy-vqa, a .jsonl file, or a directory of .jsonl (default {d.data})")
+    io.add_argument("--data", help="easy-vqa, a .jsonl, a LLaVA .json list, a datasets save_to_disk directory, "
+                    f".parquet or .arrow files, or a directory of them (default {d.data})")
     io.add_argument("--scheme", help=f"one of {', '.join(SCHEMES)} (default {d.scheme})")
     io.add_argument("--method", choices=METHODS, help=f"calibration method (default {d.method})")
     io.add_argument("--output", "-o", help="output directory (default out/<model>-<method>-<scheme>)")
@@ -43,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num-samples", type=int, help=f"calibration samples (default {d.num_samples})")
     data.add_argument("--max-seq-len", type=int, help=f"skip longer samples (default {d.max_seq_len})")
     data.add_argument("--max-pixels", type=int, help="downscale larger images to this many pixels")
+    data.add_argument("--image-root", help="directory that relative image paths resolve against "
+                      "(default: the data file's directory)")
+    data.add_argument("--image-column", help="field or column holding the image(s) (default: image, images)")
+    data.add_argument("--question-column", help="field or column holding the question "
+                      "(default: question, prompt, query, or LLaVA conversations)")
+    data.add_argument("--answer-column", help="field or column holding the answer; none: the model's own "
+                      "greedy answer (default: answer, answers, caption)")
     tlq = p.add_argument_group("TLQ (docs/method.md)")
     tlq.add_argument(
         "--importance-granularity",
@@ -104,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     planner = p.add_argument_group("memory planner (no weights loaded)")
     planner.add_argument("--plan", action="store_true",
                          help="print each stage's peak device/host memory per rank for these settings and exit; "
-                         "--model may also be a config.json or a snapshot name from calibrate/configs/")
+                         "--model may also be a config.json or a snapshot name from tlq_vllm/models/config_snapshots/")
     planner.add_argument("--device-mem", help="device memory per rank for --plan, e.g. 24GiB (RTX 3090)")
     planner.add_argument("--host-mem", help="host memory per node for --plan, e.g. 256GiB")
     dist = p.add_argument_group("several processes (docs/distributed.md)")
@@ -143,6 +161,22 @@ def parse_bytes(text: str) -> int:
         raise ConfigError(f"cannot read the size {text!r}; write e.g. 24GiB, 24GB or 512MiB") from None
 
 
+def command_with(argv: list[str], settings: dict) -> str:
+    """This command line, typed in a fresh shell, with `settings` (flag -> value) replacing or adding flags."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in settings:
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    kept += [token for flag, value in settings.items() for token in (flag, str(value))]
+    return f"{python_command()} -m tlq_vllm.calibrate {shlex.join(kept)}"
+
+
 def print_plan(args: dict, argv: list[str]) -> int:
     """`--plan`: the memory planner for the run these options describe (config.json only)."""
     from dataclasses import replace
@@ -170,6 +204,9 @@ def print_plan(args: dict, argv: list[str]) -> int:
     except PlanError as err:
         raise ConfigError(str(err)) from None
     print(format_plan(result))
+    for suggestion in result.suggestions:
+        if suggestion.settings:
+            print(f"plan it:  {command_with(argv, suggestion.settings)}")
     return 0 if result.fits is not False else 1
 
 

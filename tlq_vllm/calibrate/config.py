@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from tlq_vllm.paths import user_folder
+
 METHODS = ("rtn", "gptq", "mbq", "tlq", "smoothquant")
 GRANULARITIES = ("linear", "layer")
 DEFAULT_MODEL = "toyvlm"
@@ -23,7 +25,7 @@ class CalibrationConfig:
     """Everything one calibration run depends on. Defaults are TLQ's documented defaults."""
 
     model: str = DEFAULT_MODEL  # HF id, local dir, "toyvlm" (the trained toy VLM) or "fixture:<name>"
-    data: str = "easy-vqa"  # "easy-vqa", a .jsonl file or a directory of them
+    data: str = "easy-vqa"  # "easy-vqa", a .jsonl/.json/.parquet/.arrow file, a save_to_disk dir, a dir of files
     scheme: str = "W4A16"
     method: str = "tlq"
     output: str | None = None  # default: out/<model>-<method>-<scheme>
@@ -32,6 +34,10 @@ class CalibrationConfig:
     num_samples: int = 64
     max_seq_len: int = 2048
     max_pixels: int | None = None
+    image_root: str | None = None  # relative image paths resolve here (default: the data file's directory)
+    image_column: str | None = None  # the record field / dataset column with the image(s); None: image, images
+    question_column: str | None = None  # None: question, prompt, query (or LLaVA conversations)
+    answer_column: str | None = None  # None: answer, answers, caption (none: the FP model's greedy answer)
     # TLQ knobs (docs/method.md)
     importance_granularity: str = "linear"
     beta: float = 0.5
@@ -118,11 +124,25 @@ class CalibrationConfig:
         return asdict(self)
 
 
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in user_folder("calibrate").glob("*.yaml"))
+
+
+def recipe_path(name: str | Path) -> Path:
+    """A recipe file: a path, or the name of one in the calibrate/ folder (the checkout's or the wheel's)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = user_folder("calibrate") / f"{path.name.removesuffix('.yaml')}.yaml"
+    if shipped.is_file() and path.parent == Path("."):
+        return shipped
+    raise ConfigError(f"recipe {name} not found; give a .yaml path or one of {', '.join(available_recipes())}")
+
+
 def load_recipe(path: str | Path) -> dict:
-    """A YAML recipe: a mapping of CalibrationConfig fields (dashes or underscores)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} not found")
+    """A YAML recipe (a path or a shipped recipe's name): a mapping of CalibrationConfig fields (dashes or
+    underscores)."""
+    path = recipe_path(path)
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a mapping of options")

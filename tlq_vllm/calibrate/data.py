@@ -1,10 +1,21 @@
 """Calibration data: records (images + question + optional answer) -> model inputs with token roles.
 
-A record is a dict with `image` (a path) or `images` (paths), a `question` or `prompt`, and an
-optional `answer`. LLaVA/ShareGPT records (`conversations` with `from`/`value` turns and an
-`image`) are accepted too. Sources: a JSONL file, a directory holding `*.jsonl`, or the built-in
-`easy-vqa` train split. Image paths in a JSONL resolve relative to the JSONL file and must stay
-inside its directory tree.
+A record is a mapping with an image field (`image` or `images`: one or several), a question
+(`question`, `prompt` or `query`) and an optional answer (`answer`, `answers` (the first one is
+the label) or `caption`); LLaVA/ShareGPT records (`conversations` of `from`/`value` turns) are
+records too. `--image-column / --question-column / --answer-column` name other fields. Sources:
+
+- a JSONL file, or a directory of `*.jsonl` files;
+- a JSON file holding a list of records (LLaVA's `llava_v1_5_mix665k.json` style);
+- a Hugging Face `datasets` dataset on disk: a `save_to_disk` directory, `.parquet` or `.arrow`
+  files, or a directory of them (read by `hf_datasets`, which imports `datasets` only then);
+- the built-in `easy-vqa` train split.
+
+An image is a path, or for datasets also the encoded bytes of an image cell. Absolute paths are
+taken as they are: a user's own file naming the user's own images is the normal case. Relative
+paths resolve against `--image-root` when given, else against the data file's directory (for a
+dataset, its directory). A record that cannot be used is an error naming the record
+(`file.jsonl:12`, `llava.json[3] (id 000000033471)`, `data.parquet[41]`), never skipped.
 
 Each sample is processed by the model's own processor and chat template, one sample per batch
 (no padding anywhere), and carries a role per token: vision placeholder, prompt text, answer.
@@ -13,6 +24,7 @@ Each sample is processed by the model's own processor and chat template, one sam
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 from collections.abc import Iterator
@@ -28,12 +40,41 @@ class DataError(ValueError):
     """Bad calibration data: the message names the record and what is wrong."""
 
 
+IMAGE_FIELDS = ("image", "images")
+QUESTION_FIELDS = ("question", "prompt", "query")
+ANSWER_FIELDS = ("answer", "answers", "caption")
+# A directory with one of these is a `datasets` save_to_disk directory (a Dataset or a DatasetDict).
+SAVE_TO_DISK_MARKERS = ("state.json", "dataset_dict.json")
+DATASET_SUFFIXES = (".parquet", ".arrow")
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which field of a record holds the image(s), the question and the answer; None: the first
+    of the common names (IMAGE_FIELDS, QUESTION_FIELDS, ANSWER_FIELDS) that the record has."""
+
+    image: str | None = None
+    question: str | None = None
+    answer: str | None = None
+
+
+@dataclass(frozen=True)
+class InlineImage:
+    """An image stored in the data itself (a dataset's image cell): its encoded bytes."""
+
+    data: bytes = field(repr=False)
+    name: str | None = None  # the file name the cell recorded, if any
+
+    def __str__(self) -> str:
+        return f"bytes ({self.name})" if self.name else "bytes"
+
+
 @dataclass
 class Record:
-    images: list[Path]
+    images: list[Path | InlineImage]
     prompt: str
     answer: str | None
-    source: str  # "file.jsonl:12" or "easy-vqa:123", for error messages
+    source: str  # "file.jsonl:12", "llava.json[3]" or "easy-vqa:123", for error messages
 
 
 @dataclass
@@ -50,36 +91,80 @@ class Sample:
         return int(self.roles.numel())
 
 
-def load_records(data: str, *, num_samples: int, seed: int) -> list[Record]:
-    """Reads `data` ("easy-vqa", a .jsonl file, or a directory of .jsonl files) and returns
-    `num_samples` records chosen with `seed` (all records in a fixed shuffled order)."""
+def load_records(
+    data: str,
+    *,
+    num_samples: int,
+    seed: int,
+    image_root: str | None = None,
+    fields: Fields = Fields(),
+) -> list[Record]:
+    """Reads `data` (see the module docstring for what it may be) and returns `num_samples`
+    records chosen with `seed`: the first `num_samples` of a `seed`-shuffled order of all records.
+    A dataset is only indexed: just the chosen rows are read."""
     if data == "easy-vqa":
-        records = easy_vqa_records()
-    else:
-        path = Path(data)
-        if path.is_dir():
-            files = sorted(path.glob("*.jsonl"))
-            if not files:
-                raise DataError(f"calibration data directory {path} holds no *.jsonl file")
-            records = [r for f in files for r in jsonl_records(f)]
-        elif path.is_file():
-            records = jsonl_records(path)
-        elif "/" in data and not data.startswith((".", "/")):
+        if image_root is not None or fields != Fields():
+            raise DataError("--image-root and --*-column apply to your own data, not to the built-in easy-vqa")
+        return choose(easy_vqa_records(), num_samples, seed, data)
+    path = Path(data)
+    root = Path(image_root) if image_root is not None else None
+    if root is not None and not root.is_dir():
+        raise DataError(f"--image-root {image_root} is not a directory")
+    if is_dataset(path):
+        from tlq_vllm.calibrate.hf_datasets import dataset_records
+
+        return dataset_records(path, num_samples=num_samples, seed=seed, image_root=root, fields=fields)
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
             raise DataError(
-                f"calibration data {data!r} is not a local file or directory; Hugging Face datasets "
-                "need network access, which this run does not have: download it and pass a JSONL"
+                f"calibration data directory {path} holds no *.jsonl, *.parquet or *.arrow file and is not a "
+                "datasets save_to_disk directory"
             )
-        else:
-            raise DataError(f"calibration data {data!r} not found (expected easy-vqa, a .jsonl or a directory)")
-    if not records:
-        raise DataError(f"calibration data {data!r} is empty")
-    if num_samples > len(records):
+        records = [r for f in files for r in jsonl_records(f, image_root=root, fields=fields)]
+    elif path.is_file() and path.suffix == ".json":
+        records = json_list_records(path, image_root=root, fields=fields)
+    elif path.is_file():
+        records = jsonl_records(path, image_root=root, fields=fields)
+    elif "/" in data and not data.startswith((".", "/")):
         raise DataError(
-            f"--num-samples {num_samples} asked, but {data!r} has only {len(records)} records"
+            f"calibration data {data!r} is not a local file or directory; Hugging Face hub datasets "
+            "need network access, which this run does not have: download it (save_to_disk or its parquet "
+            "files) and pass that path"
         )
-    order = list(range(len(records)))
+    else:
+        raise DataError(
+            f"calibration data {data!r} not found (expected easy-vqa, a .jsonl, .json, .parquet or .arrow file, "
+            "or a directory of them)"
+        )
+    return choose(records, num_samples, seed, data)
+
+
+def is_dataset(path: Path) -> bool:
+    """A `datasets` dataset on disk: a save_to_disk directory, a .parquet/.arrow file, or a
+    directory of those files (and no *.jsonl)."""
+    if path.is_file():
+        return path.suffix in DATASET_SUFFIXES
+    if not path.is_dir():
+        return False
+    if any((path / marker).is_file() for marker in SAVE_TO_DISK_MARKERS):
+        return True
+    return not any(path.glob("*.jsonl")) and any(p.suffix in DATASET_SUFFIXES for p in path.iterdir())
+
+
+def chosen_indices(total: int, num_samples: int, seed: int, data: str) -> list[int]:
+    """The first `num_samples` of a `seed`-shuffled order of `total` records."""
+    if total == 0:
+        raise DataError(f"calibration data {data!r} is empty")
+    if num_samples > total:
+        raise DataError(f"--num-samples {num_samples} asked, but {data!r} has only {total} records")
+    order = list(range(total))
     random.Random(seed).shuffle(order)
-    return [records[i] for i in order[:num_samples]]
+    return order[:num_samples]
+
+
+def choose(records: list[Record], num_samples: int, seed: int, data: str) -> list[Record]:
+    return [records[i] for i in chosen_indices(len(records), num_samples, seed, data)]
 
 
 def easy_vqa_records() -> list[Record]:
@@ -107,51 +192,119 @@ def jsonl_values(path: Path) -> Iterator[tuple[str, object]]:
         yield where, value
 
 
-def jsonl_records(path: Path) -> list[Record]:
-    root = path.parent.resolve()
-    return [parse_record(raw, root, where) for where, raw in jsonl_values(path)]
+def jsonl_records(path: Path, *, image_root: Path | None = None, fields: Fields = Fields()) -> list[Record]:
+    root = image_root or path.parent
+    return [parse_record(raw, root, where, fields) for where, raw in jsonl_values(path)]
 
 
-def parse_record(raw: dict, root: Path, where: str) -> Record:
+def json_list_records(path: Path, *, image_root: Path | None = None, fields: Fields = Fields()) -> list[Record]:
+    """A JSON file holding a list of records, as LLaVA's training mixes are published."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        hint = "; one record per line is JSON Lines: name the file .jsonl" if err.msg == "Extra data" else ""
+        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}){hint}") from None
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a JSON list of records, got a JSON {type(value).__name__}")
+    root = image_root or path.parent
+    return [parse_record(raw, root, record_name(path, i, raw), fields) for i, raw in enumerate(value)]
+
+
+def record_name(path: Path, index: int, raw: object) -> str:
+    """`data.json[3]`, with the record's own id when it has one: `data.json[3] (id 000000033471)`."""
+    own_id = raw.get("id") if isinstance(raw, dict) else None
+    return f"{path}[{index}]" + (f" (id {own_id})" if own_id not in (None, "") else "")
+
+
+def field_name(raw: dict, named: str | None, common: tuple[str, ...], flag: str, where: str) -> str | None:
+    """The field holding one part of a record: the one the user named (it must be there), else
+    the first common name present, else None."""
+    if named is not None:
+        if named not in raw:
+            raise DataError(f"{where}: no field {named!r} ({flag}); the record has {', '.join(map(str, raw))}")
+        return named
+    return next((name for name in common if raw.get(name) is not None), None)
+
+
+def parse_record(raw: object, root: Path, where: str, fields: Fields = Fields()) -> Record:
     if not isinstance(raw, dict):
-        raise DataError(f"{where}: a record must be a JSON object")
-    images = raw.get("images") or ([raw["image"]] if raw.get("image") else [])
-    if isinstance(images, str):
-        images = [images]
-    answer = raw.get("answer")
-    if "conversations" in raw:  # LLaVA / ShareGPT: first human turn, first model turn
-        turns = raw["conversations"]
-        human = next((t["value"] for t in turns if t.get("from") in ("human", "user")), None)
-        model = next((t["value"] for t in turns if t.get("from") in ("gpt", "assistant")), None)
-        prompt = (human or "").replace("<image>", "").strip()
-        answer = answer if answer is not None else model
+        raise DataError(f"{where}: a record must be a mapping of fields, got {type(raw).__name__}")
+    image_field = field_name(raw, fields.image, IMAGE_FIELDS, "--image-column", where)
+    question_field = field_name(raw, fields.question, QUESTION_FIELDS, "--question-column", where)
+    answer_field = field_name(raw, fields.answer, ANSWER_FIELDS, "--answer-column", where)
+    answer = raw[answer_field] if answer_field else None
+    if question_field is None and "conversations" in raw:  # LLaVA / ShareGPT: first human turn, first model turn
+        prompt, model_turn = conversation_turns(raw["conversations"], where)
+        answer = answer if answer is not None else model_turn
     else:
-        prompt = raw.get("question") or raw.get("prompt")
-    if not prompt:
-        raise DataError(f"{where}: no question/prompt (or conversations) in the record")
-    if isinstance(answer, list):  # VQA-style answer lists: the first is the label
+        prompt = raw[question_field] if question_field else None
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{where}: no question ({'/'.join(QUESTION_FIELDS)} or conversations) in the record")
+    images = image_sources(raw[image_field] if image_field else None, root, where)
+    return Record(images, prompt, label(answer, where), where)
+
+
+def conversation_turns(turns: object, where: str) -> tuple[str | None, str | None]:
+    """LLaVA/ShareGPT `conversations`: the first human turn (without `<image>`) and the first model turn."""
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise DataError(f"{where}: conversations must be a list of {{from, value}} turns")
+    human = next((t.get("value") for t in turns if t.get("from") in ("human", "user")), None)
+    model = next((t.get("value") for t in turns if t.get("from") in ("gpt", "assistant")), None)
+    return (human.replace("<image>", "").strip() if isinstance(human, str) else None), model
+
+
+def label(answer: object, where: str) -> str | None:
+    """The answer used as the label: VQA-style answer lists give their first answer, VQA v2's
+    `{"answer": ...}` entries their text."""
+    if isinstance(answer, list):
         answer = answer[0] if answer else None
-    return Record([resolve_image(p, root, where) for p in images], prompt, answer, where)
+    if isinstance(answer, dict):
+        answer = answer.get("answer", answer.get("text"))
+    if answer is None or isinstance(answer, str):
+        return answer
+    if isinstance(answer, (int, float)):
+        return str(answer)
+    raise DataError(f"{where}: the answer must be text, got {type(answer).__name__}")
+
+
+def image_sources(cell: object, root: Path, where: str) -> list[Path | InlineImage]:
+    """A record's image field -> image sources: a path (str), a list of them, or a dataset's
+    image cell (`{"bytes": ..., "path": ...}`, or raw bytes); None or [] is a text-only record."""
+    if cell is None or cell == "":
+        return []
+    if isinstance(cell, (list, tuple)):
+        return [source for item in cell for source in image_sources(item, root, where)]
+    if isinstance(cell, str):
+        return [resolve_image(cell, root, where)]
+    if isinstance(cell, (bytes, bytearray)):
+        return [InlineImage(bytes(cell))]
+    if isinstance(cell, dict) and ("bytes" in cell or "path" in cell):
+        if cell.get("bytes"):
+            return [InlineImage(bytes(cell["bytes"]), cell.get("path"))]
+        if cell.get("path"):
+            return [resolve_image(cell["path"], root, where)]
+    raise DataError(f"{where}: cannot use {type(cell).__name__} {str(cell)[:60]!r} as an image (a path or image bytes)")
 
 
 def resolve_image(name: str, root: Path, where: str) -> Path:
-    """Resolves an image path relative to the JSONL's directory, refusing escapes from it."""
-    path = (root / name).resolve()
-    if not path.is_relative_to(root):
-        raise DataError(f"{where}: image path {name!r} points outside {root}")
+    """An image path: absolute as it is, relative against `root` (the data file's directory or
+    --image-root); the file must exist."""
+    path = (root / Path(name).expanduser()).resolve()
     if not path.is_file():
         raise DataError(f"{where}: image {name!r} not found ({path})")
     return path
 
 
-def open_image(path: Path, where: str, max_pixels: int | None):
+def open_image(source: Path | InlineImage, where: str, max_pixels: int | None):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(path)
+        image = Image.open(io.BytesIO(source.data) if isinstance(source, InlineImage) else source)
         image.load()
-    except (OSError, UnidentifiedImageError) as err:
-        raise DataError(f"{where}: cannot read image {path}: {err}") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{where}: cannot read image {source}: not an image format Pillow can decode") from None
+    except OSError as err:
+        raise DataError(f"{where}: cannot read image {source}: {err}") from None
     image = image.convert("RGB")
     if max_pixels and image.width * image.height > max_pixels:
         ratio = (max_pixels / (image.width * image.height)) ** 0.5
@@ -186,6 +339,6 @@ def dataset_hash(records: list[Record]) -> str:
     digest = hashlib.sha256()
     for r in records:
         digest.update(json.dumps([r.prompt, r.answer]).encode())
-        for p in r.images:
-            digest.update(hashlib.sha256(p.read_bytes()).digest())
+        for image in r.images:
+            digest.update(hashlib.sha256(image.data if isinstance(image, InlineImage) else image.read_bytes()).digest())
     return digest.hexdigest()[:16]

@@ -29,7 +29,9 @@ versions and vLLM, regexes survive (see ENVIRONMENT.md, "Checkpoint portability"
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator
@@ -57,6 +59,17 @@ PROCESSOR_FILE_PATTERNS = (
     "chat_template*",
     "generation_config.json",
 )
+
+
+# What a full disk or an exhausted quota raise; safetensors reports them only as text ending in
+# "(os error 28)", so its errors are read for that number.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+class DiskFullError(OSError):
+    """The disk holding the checkpoint (or the user's quota) ran out while it was being written.
+    `filename` is the directory being written; removing what was written is the caller's job."""
 
 
 @dataclass
@@ -136,7 +149,8 @@ def write_checkpoint(
     `model` is the transformers model (bf16, CPU) whose other tensors are saved as they are; it
     is not modified: the compressed tensors replace entries of a copy of its state dict (only
     `save_pretrained` records dtype and architectures in `model.config`, as it always does).
-    The caller owns atomicity (write to a temporary directory, then rename).
+    The caller owns atomicity (write to a temporary directory, then rename). A full disk raises
+    `DiskFullError` (whatever layer of the writers hit it), so that callers can say so in one line.
 
     Besides the weights and config.json (with compressed-tensors' `quantization_config` and a
     `"tlq": {version, method, scheme}` marker in it, which compressed-tensors, transformers and
@@ -184,14 +198,15 @@ def write_checkpoint(
         del state_dict[f"{name}.weight"]
         state_dict.update({f"{name}.{key}": tensor for key, tensor in compressed.items()})
 
-    with _no_progress_bars():
-        model.save_pretrained(out_dir, state_dict=state_dict)
-    ModelCompressor(quantization_config=config).update_config(str(out_dir))
-    _add_tlq_marker(out_dir / "config.json", scheme, provenance)
-    rename_saved_keys(out_dir, adapter)
-    copy_processor_files(source_dir, out_dir)
-    provenance_text = json.dumps(provenance, indent=2, sort_keys=True, default=str)
-    (out_dir / PROVENANCE_FILE).write_text(provenance_text + "\n")
+    with _disk_full_as_error(out_dir):
+        with _no_progress_bars():
+            model.save_pretrained(out_dir, state_dict=state_dict)
+        ModelCompressor(quantization_config=config).update_config(str(out_dir))
+        _add_tlq_marker(out_dir / "config.json", scheme, provenance)
+        rename_saved_keys(out_dir, adapter)
+        copy_processor_files(source_dir, out_dir)
+        provenance_text = json.dumps(provenance, indent=2, sort_keys=True, default=str)
+        (out_dir / PROVENANCE_FILE).write_text(provenance_text + "\n")
 
 
 def _unquantized_decoder_linear_pattern(name: str, adapter: ModelAdapter) -> str:
@@ -262,6 +277,26 @@ def copy_processor_files(source_dir: Path, out_dir: Path) -> list[str]:
                 shutil.copy2(path, Path(out_dir) / path.name)
                 copied.append(path.name)
     return copied
+
+
+@contextlib.contextmanager
+def _disk_full_as_error(out_dir: Path) -> Iterator[None]:
+    """An out-of-space error of any writer (Python's OSError, safetensors' SafetensorError) ->
+    DiskFullError naming `out_dir`; other errors pass unchanged."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        code = err.errno if isinstance(err, OSError) else _rust_os_error(str(err))
+        if code in NO_SPACE_ERRNOS:
+            raise DiskFullError(code, os.strerror(code), str(out_dir)) from None
+        raise
+
+
+def _rust_os_error(message: str) -> int | None:
+    match = _RUST_OS_ERROR.search(message)
+    return int(match.group(1)) if match else None
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import resource
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ from tqdm.auto import tqdm
 
 from tlq_vllm import __version__
 from tlq_vllm.calibrate.config import CalibrationConfig, ConfigError
-from tlq_vllm.calibrate.data import DataError, build_sample, dataset_hash, load_records
+from tlq_vllm.calibrate.data import DataError, Fields, build_sample, dataset_hash, load_records
 from tlq_vllm.calibrate.distributed import SINGLE, Dist, init_from_env
+from tlq_vllm.calibrate.export import DiskFullError
 from tlq_vllm.calibrate.importance import (
     all_tokens,
     gradient_importance,
@@ -45,6 +47,7 @@ from tlq_vllm.calibrate.quantizer import dequantize
 from tlq_vllm.calibrate.schemes import Scheme, get_scheme
 from tlq_vllm.calibrate.streaming import catch_layer_inputs, on_device, pre_decoder_on_device, run_layer
 from tlq_vllm.models import ModelAdapter, adapter_for_model_type
+from tlq_vllm.paths import cache_root, python_command
 
 
 class CalibrationError(RuntimeError):
@@ -154,8 +157,6 @@ class PartialRun:
     """Finished layers of an interrupted run, in the cache dir, keyed by the config fingerprint."""
 
     def __init__(self, config: CalibrationConfig, writer: bool = True):
-        from tlq_vllm.testing.fixtures import cache_root
-
         self.dir = cache_root() / "runs" / config.fingerprint()
         self.writer = writer  # one rank writes; all read (one machine, or a shared cache dir)
         if writer and not config.resume:
@@ -207,7 +208,7 @@ def check_output_free(out_dir: Path, overwrite: bool) -> None:
 @contextlib.contextmanager
 def staged_output(out_dir: Path, overwrite: bool):
     """Yields an empty staging directory beside `out_dir`; renames it into place on success and
-    removes it on failure, so an output directory that exists is always complete."""
+    removes it on failure (a full disk included), so an output directory that exists is always complete."""
     check_output_free(out_dir, overwrite)
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
     try:
@@ -229,6 +230,12 @@ def staged_output(out_dir: Path, overwrite: bool):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(staging, out_dir)
+    except DiskFullError as err:
+        kept = "the previous checkpoint there is kept as it was" if out_dir.exists() else "nothing was written"
+        raise CalibrationError(
+            f"no space left on the device for {out_dir} ({err.strerror}) while writing the checkpoint; "
+            f"{kept}: free some space there or choose another --output"
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -342,7 +349,9 @@ def run(config: CalibrationConfig) -> Path:
 
 
 def prepare_samples(model, processor, config: CalibrationConfig, log: RunLog):
-    records = load_records(config.data, num_samples=config.num_samples, seed=config.seed)
+    fields = Fields(config.image_column, config.question_column, config.answer_column)
+    records = load_records(config.data, num_samples=config.num_samples, seed=config.seed,
+                           image_root=config.image_root, fields=fields)
     image_token_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
     samples, too_long = [], 0
     for record in tqdm(records, desc="data", disable=not config.progress, leave=False):
@@ -584,6 +593,11 @@ def export(model, adapter, scheme, results, vision_results, model_ref, staging: 
     )
 
 
+def serve_command(out_dir: Path) -> str:
+    """The command that serves `out_dir`, as typed in a fresh shell here (run verbatim by a test)."""
+    return f"{python_command()} -m tlq_vllm.serve {shlex.quote(str(out_dir))}"
+
+
 def print_summary(results, provenance: dict, out_dir: Path, log: RunLog) -> None:
     rows = []
     for l in sorted(results):
@@ -600,6 +614,6 @@ def print_summary(results, provenance: dict, out_dir: Path, log: RunLog) -> None
         f"samples, {provenance['wall_time_s']:.1f}s, peak host RSS {mem['host_peak_rss_mib']:.0f} MiB"
         + (f", peak device {mem['device_peak_allocated_mib']:.0f} MiB" if "device_peak_allocated_mib" in mem else ""),
         f"checkpoint: {out_dir}",
-        f"serve it:   python -m tlq_vllm.serve {out_dir}",
+        f"serve it:   {serve_command(out_dir)}",
     ]
     log.event("done", "\n".join(lines), output=str(out_dir), wall_time_s=provenance["wall_time_s"])

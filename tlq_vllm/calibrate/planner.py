@@ -82,12 +82,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tlq_vllm.paths import MODEL_CONFIG_SNAPSHOTS
+
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
 STAGES = ("load", "catch", "importance forward", "importance backward", "calibrate layer", "export")
 
-# Config snapshots shipped with the repository (calibrate/configs/*.json at the repo root).
-SNAPSHOT_DIR = Path(__file__).resolve().parents[2] / "calibrate" / "configs"
+# config.json snapshots of real models, shipped as package data (tlq_vllm/models/config_snapshots/).
+SNAPSHOT_DIR = MODEL_CONFIG_SNAPSHOTS
 
 FAMILIES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "llava_onevision": "llava-onevision"}
 
@@ -841,7 +843,7 @@ HUB_IDS = {
 
 def load_config(path: str | Path) -> tuple[dict, str]:
     """A config.json dict and a display name from a model directory, a config.json path, a
-    snapshot name (`qwen2-vl-72b`, see calibrate/configs/), `toyvlm`, `fixture:<name>`, or a hub id: a
+    snapshot name (`qwen2-vl-72b`, see tlq_vllm/models/config_snapshots/), `toyvlm`, `fixture:<name>`, or a hub id: a
     snapshot's id (HUB_IDS) or one whose config.json is in the local Hugging Face cache."""
     from tlq_vllm.models.builtin import resolve_builtin
 

@@ -7,9 +7,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-TOYVLM_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyvlm-easyvqa"
+from tlq_vllm.paths import TOYVLM_DIR
 
 
 def resolve_builtin(name: str) -> str | None:

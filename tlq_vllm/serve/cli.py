@@ -1,22 +1,33 @@
 """Launch vLLM's OpenAI-compatible server on a checkpoint, with a VLM preset.
 
 The launcher checks what it can cheaply (the checkpoint is a model directory, the port is free),
-prints the URL and a copy-paste curl example, then replaces itself with vLLM's API server
-(`os.execve`): signals reach vLLM directly and no wrapper process is left to orphan. Arguments
-it does not know pass through to vLLM unchanged; preset values are defaults that they override.
+fits the preset to the checkpoint (serve/limits.py: context length, image size), prints the URL
+and a copy-paste curl example, then replaces itself with vLLM's API server (`os.execve`): signals
+reach vLLM directly and no wrapper process is left to orphan. Arguments it does not know pass
+through to vLLM unchanged; preset values are defaults that they override.
+
+Presets are the YAML files of the top-level `serve/` folder of a checkout (the bundled copy in an
+installed wheel; tlq_vllm.paths). Remote and file:// media URLs are refused unless allowed
+(serve/media_guard.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import socket
 import sys
 from pathlib import Path
 
 import yaml
 
-PRESET_DIR = Path(__file__).parent / "presets"
+from tlq_vllm.paths import user_folder
+from tlq_vllm.serve import media_guard
+from tlq_vllm.serve.limits import derive_limits
+
+PRESET_DIR = user_folder("serve")
+MIDDLEWARE = f"{media_guard.__name__}.{media_guard.MediaURLGuard.__name__}"
 
 
 class ServeError(ValueError):
@@ -60,14 +71,27 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def passthrough_flags(extra: list[str]) -> set[str]:
-    return {a.split("=", 1)[0].lstrip("-") for a in extra if a.startswith("--")}
+def passthrough_options(extra: list[str]) -> dict[str, str | None]:
+    """The vLLM options typed on the command line: name (no dashes) -> first value (None for a switch)."""
+    given = {}
+    for i, arg in enumerate(extra):
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            following = extra[i + 1] if i + 1 < len(extra) and not extra[i + 1].startswith("--") else None
+            given[name] = value if eq else following
+    return given
+
+
+def option_tokens(key: str, value) -> list[str]:
+    """A preset entry as command-line tokens (a YAML list is a multi-value option)."""
+    values = value if isinstance(value, list) else [value]
+    return [f"--{key}", *(str(v) for v in values)]
 
 
 def vllm_command(
-    checkpoint: Path, host: str, port: int, api_key: str | None, preset: dict, extra: list[str]
+    checkpoint: Path, host: str, port: int, api_key: str | None, preset_args: dict, extra: list[str]
 ) -> list[str]:
-    given = passthrough_flags(extra)
+    given = passthrough_options(extra)
     cmd = [
         sys.executable,
         "-m",
@@ -81,10 +105,15 @@ def vllm_command(
     ]
     if api_key:
         cmd += ["--api-key", api_key]
-    for key, value in preset["args"].items():
+    for key, value in preset_args.items():
         if key not in given:
-            cmd += [f"--{key}", str(value)]
-    return cmd + extra
+            cmd += option_tokens(key, value)
+    return cmd + ["--middleware", MIDDLEWARE] + extra
+
+
+def media_policy_env(domains: list[str], local_media_path: str | None) -> dict[str, str]:
+    """The media guard's policy (media_guard.py) for the API server's environment."""
+    return {media_guard.ENV_DOMAINS: ",".join(domains), media_guard.ENV_LOCAL: "1" if local_media_path else ""}
 
 
 def curl_example(url: str, model: str, api_key: str | None) -> str:
@@ -123,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("TLQ_API_KEY"), help="require this bearer token")
+    p.add_argument("--allowed-media-domains", nargs="+", metavar="DOMAIN",
+                   help="hosts whose http(s) image URLs the server may fetch (default: the preset's, else none: "
+                   "images must be sent inline as data: URLs)")
     p.add_argument("--dry-run", action="store_true", help="print the vLLM command and exit")
     return p
 
@@ -131,24 +163,35 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, extra = build_parser().parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
+    preset_name = args.preset or default_preset()
     try:
         checkpoint = check_checkpoint(args.checkpoint)
-        preset = load_preset(args.preset or default_preset())
+        preset = load_preset(preset_name)
+        given = passthrough_options(extra)
+        preset_args, adjustments = derive_limits(checkpoint, preset["args"], given)
         if not args.dry_run:
             check_port_free(args.host, args.port)
-    except ServeError as err:
+    except (ServeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cmd = vllm_command(checkpoint, args.host, args.port, args.api_key, preset, extra)
-    env = {**os.environ, **{k: str(v) for k, v in preset["env"].items() if k not in os.environ}}
+    for change in adjustments:
+        print(f"tlq serve: {change.reason}")
+    preset_domains = preset_args.pop("allowed-media-domains", None) or []
+    if not isinstance(preset_domains, list):
+        preset_domains = [preset_domains]
+    domains = args.allowed_media_domains or [str(d) for d in preset_domains]
+    if domains:
+        preset_args["allowed-media-domains"] = domains  # vLLM enforces the same list
+    cmd = vllm_command(checkpoint, args.host, args.port, args.api_key, preset_args, extra)
+    local_media = given.get("allowed-local-media-path") or preset_args.get("allowed-local-media-path")
+    env = {**os.environ, **{k: str(v) for k, v in preset["env"].items() if k not in os.environ},
+           **media_policy_env(domains, local_media)}
     url = f"http://{args.host}:{args.port}"
-    print(
-        f"tlq serve: {checkpoint} at {url} (preset {args.preset or default_preset()}; ready when GET {url}/health "
-        "answers 200)"
-    )
-    print(f"try it:\n{curl_example(url, str(checkpoint), args.api_key)}", flush=True)
+    print(f"tlq serve: {checkpoint} at {url} (preset {preset_name}; ready when GET {url}/health answers 200)")
+    example = curl_example(url, str(checkpoint), args.api_key)
+    print(f"try it (with an image.png in the current directory):\n{example}", flush=True)
     if args.dry_run:
-        print(" ".join(cmd))
+        print(shlex.join(cmd))
         return 0
     os.execve(sys.executable, cmd, env)
     return 0  # not reached

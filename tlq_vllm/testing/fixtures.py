@@ -26,6 +26,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tlq_vllm.paths import cache_root
+
 FIXTURE_FORMAT_VERSION = 1
 
 # Chat templates: the families' own (abridged to image + text content, which is what this
@@ -119,11 +121,6 @@ FIXTURES: dict[str, FixtureRecipe] = {
         FixtureRecipe("llava-onevision", "llava_onevision"),
     )
 }
-
-
-def cache_root() -> Path:
-    """Where built fixtures (and other tlq_vllm caches) live: `$TLQ_CACHE_DIR` or ~/.cache/tlq_vllm."""
-    return Path(os.environ.get("TLQ_CACHE_DIR", Path.home() / ".cache" / "tlq_vllm"))
 
 
 def build_fixture(name: str, *, cache_dir: Path | None = None, rebuild: bool = False) -> Path:
