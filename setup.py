@@ -17,6 +17,8 @@ BUNDLED = {"serve": ("*.yaml", "*.sh", "*.md"), "calibrate": ("*.yaml", "*.md")}
 class BuildPyWithUserFolders(build_py):
     def run(self):
         super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install reads the checkout's folders themselves
         for folder, patterns in BUNDLED.items():
             target = Path(self.build_lib, "tlq_vllm", "_bundled", folder)
             self.mkpath(str(target))

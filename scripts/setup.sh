@@ -15,7 +15,7 @@ cd "$ROOT"
 
 # The stamp is a hash of everything that decides the venv's contents: unchanged inputs and a
 # passing verification mean there is nothing to do (a second run takes a few seconds).
-STAMP_INPUT="$(cat scripts/setup.sh requirements/*.txt pyproject.toml | sha256sum | cut -c1-16)"
+STAMP_INPUT="$(cat scripts/setup.sh requirements/*.txt pyproject.toml setup.py | sha256sum | cut -c1-16)"
 STAMP="$VENV/.tlq-setup-$STAMP_INPUT"
 if [[ -f "$STAMP" ]] && "$VENV/bin/python" scripts/verify_env.py >/dev/null 2>&1; then
   echo "setup: $VENV is up to date"
