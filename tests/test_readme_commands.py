@@ -100,3 +100,17 @@ def test_launch_script_serves_on_port_8000(tmp_path):
         assert "preset " + str(ROOT / "serve" / "cpu.yaml") in log.read_text()
     finally:
         stop(proc)
+
+
+def test_plan_suggestions_run_verbatim_and_fit():
+    """`--plan` prints each suggestion as a `plan it:` command; typed as printed, each one fits."""
+    command = ".venv/bin/python -m tlq_vllm.calibrate --plan --model qwen2-vl-7b --device-mem 8GiB --host-mem 32GiB"
+    first = subprocess.run(["bash", "-c", command], cwd=ROOT, env=fresh_shell_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 1 and "does NOT fit" in first.stdout, first.stdout + first.stderr
+    suggested = [line.split("plan it:", 1)[1].strip() for line in first.stdout.splitlines() if "plan it:" in line]
+    assert suggested, first.stdout
+    for line in suggested:
+        done = subprocess.run(["bash", "-c", line], cwd=ROOT, env=fresh_shell_env(), capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0 and ": fits" in done.stdout, f"{line}\n{done.stdout}\n{done.stderr}"

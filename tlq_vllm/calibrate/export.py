@@ -23,7 +23,9 @@ error feedback to see the deployed weights should pick bf16-representable scales
 
 The quantization config targets the decoder linears by regex (`re:.*layers\\.\\d+\\.self_attn\\.q_proj$`)
 and ignores the adapter's regexes, never module names: names differ between transformers
-versions and vLLM, regexes survive (see ENVIRONMENT.md, "Checkpoint portability").
+versions and vLLM, regexes survive. (Seen: llm-compressor 0.14 under transformers 5.17 wrote
+`visual.blocks.0.attn.qkv`-style ignore names for a Qwen2.5-VL, and transformers 5.17 and 5.19
+then tried to decompress the vision tower; `re:.*visual.*` survives the rename.)
 """
 
 from __future__ import annotations
