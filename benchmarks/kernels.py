@@ -19,9 +19,10 @@ scheme class (or the tlq plugin's), with `process_weights_after_loading` run as 
   w8a8        CompressedTensorsW8A8Int8 -> CPUInt8ScaledMMLinearKernel (dynamic per-token int8 activations)
   w4a8        CompressedTensorsW4A8Int -> Dynamic4bitLinearKernel (aten._dyn_quant_matmul_4bit)
   w4a16_vllm  CompressedTensorsWNA16 -> CPUWNA16LinearKernel (cpu_gemm_wna16: vLLM's AVX-512 builds only)
-  w4a16_tlq   the tlq plugin's TLQPackedWNA16Scheme: dequantize once at load, then F.linear on the bf16
-  w3a16_tlq   weight; where vLLM's bf16 path is that same F.linear, the per-call cost IS the bf16 row (copied,
-              not re-timed) and the price is paid once at load (the load-time table)
+  w4a16_tlq   the tlq plugin's TLQPackedWNA16Scheme with the CPU kernel it picks (vLLM's cpu_gemm_wna16,
+  w3a16_tlq   torch's int4 packed kernel, or dequantize-once as the last resort; TLQ_CPU_WNA16_KERNEL forces
+              one); when it dequantizes and vLLM's bf16 path is that same F.linear, the per-call cost IS the
+              bf16 row (copied, not re-timed) and the price is paid once at load (the load-time table)
 A path whose op this build lacks is recorded as "unavailable: <reason>" (probed on a small layer first).
 
 Numbers: median of torch.utils.benchmark.Timer.blocked_autorange (a call slower than --single-call-s is timed
@@ -82,13 +83,13 @@ class Prepared:
     weight_bytes: int
     kernel: str
     setup_s: float = 0.0  # process_weights_after_loading (or the dispatch), once per layer at load
+    bf16_op: bool = False  # per call: F.linear on a bf16 weight (the same op as vLLM's bf16 fallback)
 
 
 @dataclass(frozen=True)
 class CpuPath:
     key: str  # in PATH_TITLES
     build: Callable[[torch.Tensor], Prepared]  # from a float32 master weight [N, K]
-    bf16_op: bool = False  # per call: F.linear on a bf16 weight (the same op as vLLM's bf16 fallback)
 
     @property
     def title(self) -> str:
@@ -271,7 +272,8 @@ def build_w4a16_vllm(w32: torch.Tensor) -> Prepared:
 
 
 def build_tlq_wna16(w32: torch.Tensor, bits: int) -> Prepared:
-    """The tlq plugin's scheme as it serves W4A16 / W3A16 on this CPU (timed setup = the dequantize-once)."""
+    """The tlq plugin's scheme as it serves W4A16 / W3A16 on this CPU (timed setup = its load-time repack or
+    dequantize); the bytes held are those of the layer's parameters after loading."""
     from tlq_vllm.vllm_plugin.packed_wna16 import TLQPackedWNA16Scheme
 
     name = f"W{bits}A16"
@@ -281,12 +283,11 @@ def build_tlq_wna16(w32: torch.Tensor, bits: int) -> Prepared:
     layer, setup_s = _load_scheme(scheme, n, k, {"weight_packed": _pack(q, bits), "weight_scale": scales,
                                                  "weight_shape": torch.tensor([n, k])})
     w_hat = _dequantized(q, scales, name)
-    if hasattr(layer, "weight"):
-        held, kernel = weight_bytes("bf16", n, k), f"{scheme.kernel_name()}: F.linear on the bf16 weight"
-    else:
-        held, kernel = weight_bytes(f"packed_int{bits}", n, k), scheme.kernel_name()
+    held = sum(p.numel() * p.element_size() for p in layer.parameters())
+    dequantized = scheme.kernel == "dequantize"
+    kernel = f"{scheme.kernel_name()}: F.linear on the bf16 weight" if dequantized else scheme.kernel_name()
     return Prepared(lambda x: scheme.apply_weights(layer, x, None), lambda x: x.float() @ w_hat.T,
-                    torch.bfloat16, held, kernel, setup_s)
+                    torch.bfloat16, held, kernel, setup_s, bf16_op=dequantized)
 
 
 CPU_PATHS: dict[str, CpuPath] = {
@@ -295,8 +296,8 @@ CPU_PATHS: dict[str, CpuPath] = {
     "w8a8": CpuPath("w8a8", build_w8a8),
     "w4a8": CpuPath("w4a8", build_w4a8),
     "w4a16_vllm": CpuPath("w4a16_vllm", build_w4a16_vllm),
-    "w4a16_tlq": CpuPath("w4a16_tlq", lambda w: build_tlq_wna16(w, 4), bf16_op=True),
-    "w3a16_tlq": CpuPath("w3a16_tlq", lambda w: build_tlq_wna16(w, 3), bf16_op=True),
+    "w4a16_tlq": CpuPath("w4a16_tlq", lambda w: build_tlq_wna16(w, 4)),
+    "w3a16_tlq": CpuPath("w3a16_tlq", lambda w: build_tlq_wna16(w, 3)),
 }
 
 
@@ -410,7 +411,7 @@ def _run_cpu(shapes: Sequence[LinearShape], ms: Sequence[int], paths: Sequence[s
                 log(f"{key} {shape.linear}: {type(exc).__name__}: {exc}")
                 continue
             bf16 = report["paths"].get("bf16", {})
-            same = "bf16" if CPU_PATHS[key].bf16_op and bf16.get("kernel", "").startswith("torch F.linear") else None
+            same = "bf16" if prepared.bf16_op and bf16.get("kernel", "").startswith("torch F.linear") else None
             report["paths"][key] = {"title": CPU_PATHS[key].title, "kernel": prepared.kernel, "same_op_as": same,
                                     "bytes_per_param": prepared.weight_bytes / (shape.n * shape.k)}
             report["setup"].append({"path": key, "linear": shape.linear, "setup_ms": prepared.setup_s * 1e3})

@@ -82,8 +82,10 @@ def test_cpu_run_writes_wellformed_json_and_markdown(cpu_run):
     for r in report["results"]:
         if r["path"] == "bf16":
             assert r["speedup_vs_bf16"] == pytest.approx(1.0)
-    if report["paths"]["bf16"]["kernel"].startswith("torch F.linear"):  # AVX2: the plugin's op is bf16's
-        assert report["paths"]["w3a16_tlq"]["same_op_as"] == "bf16"
+    for key in ("w4a16_tlq", "w3a16_tlq"):  # the plugin's op is bf16's only when it dequantized and bf16 is F.linear
+        dequantized = report["paths"][key]["kernel"].endswith("F.linear on the bf16 weight")
+        bf16_is_f_linear = report["paths"]["bf16"]["kernel"].startswith("torch F.linear")
+        assert report["paths"][key]["same_op_as"] == ("bf16" if dequantized and bf16_is_f_linear else None)
     assert {s["path"] for s in report["setup"]} == set(report["paths"])  # load-time cost of each
     md = (cpu_run / kr.REPORT_MD).read_text()
     assert "Where each number was measured" in md and report["machine"]["cpu"] in md

@@ -3,12 +3,14 @@
 A TLQ checkpoint is an ordinary compressed-tensors checkpoint whose `quantization_config` carries
 a `tlq` block. This config claims such checkpoints (`override_quantization_method`), and for each
 linear picks vLLM's own compressed-tensors scheme (and so vLLM's best kernel for the platform:
-Machete/Marlin/CUTLASS on CUDA, CPUWNA16/CPU int8/Dynamic4bit on CPU) except where stock vLLM
-cannot run the layer:
-- 3-bit weights (W3A16): stock vLLM cannot even create the parameter (it sizes packed columns as
-  in*3/32, compressed-tensors packs 10 values per int32) -> `TLQPackedWNA16Scheme`;
-- 4/8-bit weight-only on a CPU whose vLLM build lacks the WNA16 GEMM (AVX2-only x86) ->
-  the same scheme, dequantizing once at load.
+Machete/Marlin/CUTLASS on CUDA, CPU int8/Dynamic4bit on CPU) except for weight-only integers that
+stock vLLM cannot run, or on CPU runs only on some builds -> `TLQPackedWNA16Scheme`, which picks a
+packed kernel per layer (see packed_wna16):
+- 3-bit weights (W3A16) everywhere: stock vLLM cannot even create the parameter (it sizes packed
+  columns as in*3/32, compressed-tensors packs 10 values per int32);
+- on CPU, symmetric 4- and 8-bit weight-only too: vLLM's CPUWNA16 kernel exists in its AVX-512
+  builds only and is 4-bit only; the scheme uses it where it exists and torch's packed int4/int8
+  kernels where it does not.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
 from vllm.platforms import current_platform
 
-from tlq_vllm.vllm_plugin.packed_wna16 import TLQPackedWNA16Scheme
+from tlq_vllm.vllm_plugin.packed_wna16 import (
+    TLQPackedWNA16Scheme,
+    cpu_has_wna16_gemm,
+    forget_logged_kernels,
+    log_kernel_once,
+)
 
-logger = init_logger("vllm.tlq")  # under "vllm", whose handlers vLLM configures
+__all__ = ["TLQConfig", "cpu_has_wna16_gemm"]
 
 TLQ_MARKER = "tlq"
 
@@ -30,7 +36,9 @@ TLQ_MARKER = "tlq"
 class TLQConfig(CompressedTensorsConfig):
     """compressed-tensors, plus TLQ's kernels for what stock vLLM cannot run."""
 
-    _logged: set[tuple[str, str]] = set()
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        forget_logged_kernels()  # each model load says once per scheme which kernel serves it
 
     def get_name(self) -> str:
         return "tlq"
@@ -55,21 +63,19 @@ class TLQConfig(CompressedTensorsConfig):
         scheme_dict = self.get_scheme_dict(layer, layer_name)
         weights = scheme_dict.get("weights") if scheme_dict else None
         weight_only = scheme_dict is not None and scheme_dict.get("input_activations") is None
-        if weights is not None and weight_only and needs_tlq_kernel(weights.num_bits):
-            if weights.group_size is None or weights.group_size <= 0 or not weights.symmetric:
+        if weights is not None and weight_only and needs_tlq_kernel(weights):
+            per_channel = weights.strategy == "channel" and current_platform.is_cpu()
+            grouped = weights.group_size is not None and weights.group_size > 0
+            if not (grouped or per_channel) or not weights.symmetric:
                 raise ValueError(
                     f"{layer_name}: tlq serves {weights.num_bits}-bit weights only symmetric with groups "
-                    f"(got group_size={weights.group_size}, symmetric={weights.symmetric})"
+                    f"(or one scale per channel on CPU) (got strategy={weights.strategy}, "
+                    f"group_size={weights.group_size}, symmetric={weights.symmetric})"
                 )
-            scheme = TLQPackedWNA16Scheme(weights.num_bits, weights.group_size)
-        else:
-            scheme = super().get_scheme(layer, layer_name)
+            return TLQPackedWNA16Scheme(weights.num_bits, weights.group_size if grouped else None)  # logs its kernel
+        scheme = super().get_scheme(layer, layer_name)
         if scheme is not None:
-            key = (scheme_label(scheme_dict), scheme.kernel_name() if hasattr(scheme, "kernel_name")
-                   else type(scheme).__name__)
-            if key not in self._logged:
-                self._logged.add(key)
-                logger.info("tlq: %s layers use %s", *key)
+            log_kernel_once(scheme_label(scheme_dict), type(scheme).__name__)
         return scheme
 
 
@@ -80,17 +86,12 @@ def scheme_label(scheme_dict: dict | None) -> str:
     return f"W{w.num_bits}A{a.num_bits if a is not None else 16}"
 
 
-def cpu_has_wna16_gemm() -> bool:
-    """Whether this vLLM CPU build has `cpu_gemm_wna16` (its AVX-512 builds do, AVX2 does not)."""
-    current_platform.import_kernels()
-    return hasattr(torch.ops._C, "cpu_gemm_wna16")
-
-
-def needs_tlq_kernel(num_bits: int) -> bool:
-    """3-bit everywhere; on CPU, 8-bit weight-only always (vLLM's CPU WNA16 kernel is 4-bit only)
-    and 4-bit where the build lacks the WNA16 GEMM."""
-    if num_bits == 3:
-        return True
-    if not current_platform.is_cpu():
+def needs_tlq_kernel(weights: Any) -> bool:
+    """3-bit integers everywhere; on CPU also symmetric 4- and 8-bit integers (vLLM's CPU WNA16 kernel
+    exists only in its AVX-512 builds and only for 4 bits: the tlq scheme picks a kernel per layer).
+    Asymmetric 4-bit stays with stock vLLM (its CPUWNA16 kernel takes zero points)."""
+    if weights.type != "int":
         return False
-    return num_bits == 8 or (num_bits == 4 and not cpu_has_wna16_gemm())
+    if weights.num_bits == 3:
+        return True
+    return current_platform.is_cpu() and (weights.num_bits == 8 or (weights.num_bits == 4 and bool(weights.symmetric)))
