@@ -95,3 +95,19 @@ def test_every_fixture_has_an_adapter():
     for name in FIXTURES:
         config = AutoConfig.from_pretrained(build_fixture(name))
         assert adapter_for_model_type(config.model_type)
+
+
+def test_real_width_recipe_has_the_snapshot_decoder_shape():
+    """The weight-bound benchmark model has Qwen2-VL-2B's decoder, as its config.json snapshot states it."""
+    import json
+
+    from tlq_vllm.paths import MODEL_CONFIG_SNAPSHOTS
+    from tlq_vllm.testing.fixtures import FIXTURES, QWEN_SPECIAL_TOKENS, REAL_WIDTH, make_config, train_tokenizer
+
+    recipe = REAL_WIDTH["qwen2-vl-2b-width"]
+    assert recipe.name not in FIXTURES  # never built by the fixture_dir parametrisation
+    snapshot = json.loads((MODEL_CONFIG_SNAPSHOTS / "qwen2-vl-2b.json").read_text())
+    text = make_config(recipe, train_tokenizer(QWEN_SPECIAL_TOKENS, recipe.tokenizer_vocab_size)).text_config
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings"):
+        assert getattr(text, key) == snapshot[key], key

@@ -84,6 +84,8 @@ class TextDims:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 4096
+    vocab_size: int = 0  # embedding rows; 0: the tokenizer's size, padded (a real model's rows beyond it go unused)
+    tie_word_embeddings: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,11 +125,28 @@ FIXTURES: dict[str, FixtureRecipe] = {
 }
 
 
+# Random-weight models at a real model's width, for benchmarks that must be bound by weight bytes
+# (serving, calibration speed): not in FIXTURES, so tests never build them by accident.
+REAL_WIDTH = {
+    r.name: r
+    for r in (
+        # Qwen2-VL-2B's decoder (tlq_vllm/models/config_snapshots/qwen2-vl-2b.json) with a small vision tower:
+        # 1.55 B parameters, 3.1 GB bf16, of which 0.47 GB are the tied embeddings.
+        FixtureRecipe("qwen2-vl-2b-width", "qwen2_vl",
+                      text=TextDims(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                                    vocab_size=151936, tie_word_embeddings=True)),
+    )
+}
+
+
 def build_fixture(name: str, *, cache_dir: Path | None = None, rebuild: bool = False) -> Path:
-    """Returns the directory of fixture `name`, building it once (about 10 s) if not cached."""
-    if name not in FIXTURES:
-        raise ValueError(f"unknown fixture {name!r}; choose one of {', '.join(FIXTURES)}")
-    recipe = FIXTURES[name]
+    """Returns the directory of fixture `name` (FIXTURES or REAL_WIDTH), building it once if not cached
+    (about 10 s for a tiny fixture)."""
+    recipes = {**FIXTURES, **REAL_WIDTH}
+    if name not in recipes:
+        raise ValueError(f"unknown fixture {name!r}; choose one of {', '.join(recipes)}")
+    recipe = recipes[name]
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "fixtures"
     target = root / f"{name}-{recipe.cache_key()}"
     if target.is_dir() and not rebuild:
@@ -182,8 +201,9 @@ def easy_vqa_corpus() -> list[str]:
     return [*questions, *answers, "system user assistant You are a helpful assistant."]
 
 
-def train_tokenizer(special_tokens: list[str], vocab_size: int):
-    """A byte-level BPE (the Qwen2 kind) trained on easy-vqa's text, wrapped as Qwen2's tokenizer."""
+def train_tokenizer(special_tokens: list[str], vocab_size: int, corpus: list[str] | None = None):
+    """A byte-level BPE (the Qwen2 kind) trained on `corpus` (default easy-vqa's text), wrapped as
+    Qwen2's tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
@@ -196,7 +216,7 @@ def train_tokenizer(special_tokens: list[str], vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(easy_vqa_corpus(), trainer)
+    tok.train_from_iterator(easy_vqa_corpus() if corpus is None else corpus, trainer)
     extra = [t for t in special_tokens if t not in ("<|endoftext|>", "<|im_end|>")]
     return Qwen2TokenizerFast(
         tokenizer_object=tok,
@@ -220,7 +240,7 @@ def text_config_dict(recipe: FixtureRecipe, tokenizer, *, mrope: bool) -> dict:
         rope["mrope_section"] = [2 * unit, 3 * unit, 3 * unit]
     return {
         "model_type": "qwen2",
-        "vocab_size": padded_vocab_size(tokenizer),
+        "vocab_size": t.vocab_size or padded_vocab_size(tokenizer),
         "hidden_size": t.hidden_size,
         "intermediate_size": t.intermediate_size,
         "num_hidden_layers": t.num_hidden_layers,
@@ -228,7 +248,7 @@ def text_config_dict(recipe: FixtureRecipe, tokenizer, *, mrope: bool) -> dict:
         "num_key_value_heads": t.num_key_value_heads,
         "max_position_embeddings": t.max_position_embeddings,
         "rope_parameters": rope,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": t.tie_word_embeddings,
         "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
         "pad_token_id": tokenizer.pad_token_id,
@@ -302,8 +322,9 @@ QWEN_MIN_PIXELS = 112 * 112
 QWEN_MAX_PIXELS = 224 * 224
 
 
-def make_processor(recipe: FixtureRecipe, tokenizer):
-    """The family's real processor (image processor + tokenizer + chat template)."""
+def make_processor(recipe: FixtureRecipe, tokenizer, *, max_pixels: int = QWEN_MAX_PIXELS):
+    """The family's real processor (image processor + tokenizer + chat template); `max_pixels`
+    caps Qwen images (the fixtures' 224x224; the scene testbed model takes its 280x280 whole)."""
     from transformers import (
         LlavaOnevisionImageProcessor,
         LlavaOnevisionProcessor,
@@ -315,7 +336,7 @@ def make_processor(recipe: FixtureRecipe, tokenizer):
     )
 
     if recipe.family in ("qwen2_vl", "qwen2_5_vl"):
-        size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+        size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": max_pixels}
         processor_cls = Qwen2VLProcessor if recipe.family == "qwen2_vl" else Qwen2_5_VLProcessor
         return processor_cls(
             image_processor=Qwen2VLImageProcessor(size=size),
