@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument(
         "--model", help=f"HF model id, local directory, toyvlm or fixture:<name> (default {d.model}: the toy VLM)"
     )
-    io.add_argument("--data", help="easy-vqa, a .jsonl, a LLaVA .json list, a datasets save_to_disk directory, "
-                    f".parquet or .arrow files, or a directory of them (default {d.data})")
+    io.add_argument("--data", help="easy-vqa, scenes:calibration, a .jsonl, a LLaVA .json list, a datasets "
+                    f"save_to_disk directory, .parquet or .arrow files, or a directory of them (default {d.data})")
     io.add_argument("--scheme", help=f"one of {', '.join(SCHEMES)} (default {d.scheme})")
     io.add_argument("--method", choices=METHODS, help=f"calibration method (default {d.method})")
     io.add_argument("--output", "-o", help="output directory (default out/<model>-<method>-<scheme>)")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="weighted-MSE search of group clipping ratios (default off)",
     )
     solver.add_argument("--hessian-dtype", choices=("float32", "float64"),
-                        help="Hessian accumulation dtype; float64 makes distributed runs bit-exact (default float32)")
+                        help="Hessian accumulation dtype; float64 sums more precisely, 2x the memory (default float32)")
     model = p.add_argument_group("model loading")
     model.add_argument(
         "--quantize-vision", action=argparse.BooleanOptionalAction, help="also quantize the vision blocks"

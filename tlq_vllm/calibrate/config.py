@@ -55,7 +55,7 @@ class CalibrationConfig:
     damp: float = 0.01
     act_order: bool = False
     clip_search: bool = False
-    hessian_dtype: str = "float32"  # "float64": bit-exact distributed runs (docs/distributed.md), 2x memory
+    hessian_dtype: str = "float32"  # "float64": more precise Hessian sums at 2x memory (any rank count: same bits)
     # model loading and what to quantize
     quantize_vision: bool = False
     trust_remote_code: bool = False

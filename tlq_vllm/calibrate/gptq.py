@@ -50,8 +50,11 @@ def weighted_hessian(
 class HessianAccumulator:
     """A running H = 2 sum_t w_t x_t x_t^T with the token count and weight sum beside it.
 
-    Across processes, all-reduce (sum) `hessian`, `num_tokens` and `weight_sum` and solve on the
-    sum: the result is that of one process that saw every token."""
+    Partial accumulators of disjoint tokens can be merged (`merge`) into the Hessian of all the
+    tokens, equal up to float rounding: float addition is not associative, so another grouping of
+    the same sum can differ in the last bits (and GPTQ's error feedback can turn that into other
+    integers). For bit-identical results, add the same batches in the same order
+    (layerwise.calibrate_layer adds one sample at a time in sample order, on one rank)."""
 
     hessian: torch.Tensor  # [in, in]
     num_tokens: int = 0

@@ -11,6 +11,7 @@ path" means here. With exposure off (ablation) the statistics come from the FP p
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -47,8 +48,9 @@ class SolverOptions:
     damp: float = 0.01
     act_order: bool = False
     clip_search: bool = False
-    # float64 makes the summed Hessian independent of sample/rank order (bit-exact distributed
-    # runs) at twice the memory of the [in, in] matrices; float32 is GPTQ's usual choice
+    # float64 sums the Hessians more precisely at twice the memory of the [in, in] matrices;
+    # float32 is GPTQ's usual choice. Either way the order of the sum is the sample order
+    # (calibrate_layer), so the number of ranks does not change the result.
     hessian_dtype: torch.dtype = torch.float32
 
 
@@ -133,8 +135,9 @@ def calibrate_layer(
     mode "asymmetric": minimise sum_t w_t ||W_hat x~_t - W x_t||^2, i.e. GPTQ on
       H = 2 sum w x~ x~^T with the target W' = W B H^-1, B = 2 sum w x x~^T (the square completed).
     After the call every linear's weight holds its dequantized value; results hold the integers.
-    With several ranks (dist), hiddens/kwargs/token sets are this rank's shard; Hessians are
-    summed over ranks, each linear is solved by one rank and its result broadcast.
+    With several ranks (dist), hiddens/kwargs/token sets are this rank's shard; each linear is
+    solved by one rank, which sums its Hessian over every rank's samples in the global sample
+    order (the additions one process makes, so the same bits), and its result is broadcast.
     """
     if mode not in MODES:
         raise ValueError(f"unknown calibration mode {mode!r}; choose one of {MODES}")
@@ -142,40 +145,41 @@ def calibrate_layer(
     results: dict[str, LinearResult] = {}
     quantized: list[torch.nn.Module] = []
     originals = {n: layer.get_submodule(n).weight.detach().clone() for g in groups for n in g}
+    counts = dist.sample_counts(len(kwargs))
     for group in groups:
         linears = [layer.get_submodule(n) for n in group]
+        owners = dist.owners([lin.out_features * lin.in_features**2 for lin in linears])  # GPTQ cost ~ out * in^2
+        owner_of = dict(zip(group, owners, strict=True))
+        owned = [n for n in group if owner_of[n] == dist.rank]
         in_features = linears[0].in_features
         hdtype = options.hessian_dtype
-        hessians = {n: HessianAccumulator.zeros(in_features, device=device, dtype=hdtype) for n in group}
-        cross = {n: torch.zeros(in_features, in_features, device=device, dtype=hdtype) for n in group} \
+        hessians = {n: HessianAccumulator.zeros(in_features, device=device, dtype=hdtype) for n in owned}
+        cross = {n: torch.zeros(in_features, in_features, device=device, dtype=hdtype) for n in owned} \
             if mode == "asymmetric" else {}
-        for s, kw in enumerate(kwargs):
-            kw = to_device(kw, device)
-            if mode == "fp":
-                with _fp_weights(layer, originals, quantized):
-                    x = capture_linear_inputs(layer, group, fp_hiddens[s].to(device), kw).float()  # [T, in]
-            else:
-                with activation_fake_quant(quantized, scheme):
-                    x = capture_linear_inputs(layer, group, hiddens[s].to(device), kw).float()  # [T, in]
-                if scheme.quantizes_activations:  # what the int8 kernel multiplies
-                    x = fake_quantize_activations_per_token(x, scheme.act_bits, kernel="cpu", dtype=torch.float32)
-            if mode == "asymmetric":
-                with _fp_weights(layer, originals, quantized):
-                    x_fp = capture_linear_inputs(layer, group, fp_hiddens[s].to(device), kw).float()  # [T, in]
-            for name in group:
-                tokens = token_sets(name)
-                idx, w = tokens.indices[s].to(device), tokens.weights[s].to(device)
-                hessians[name].add(x[idx], w)
+        for s in range(max(counts)):  # local sample s; with N ranks, global samples s * N .. s * N + N - 1
+            if s < len(kwargs):
+                kw = to_device(kwargs[s], device)
+                if mode == "fp":
+                    with _fp_weights(layer, originals, quantized):
+                        x = capture_linear_inputs(layer, group, fp_hiddens[s].to(device), kw).float()  # [T, in]
+                else:
+                    with activation_fake_quant(quantized, scheme):
+                        x = capture_linear_inputs(layer, group, hiddens[s].to(device), kw).float()  # [T, in]
+                    if scheme.quantizes_activations:  # what the int8 kernel multiplies
+                        x = fake_quantize_activations_per_token(x, scheme.act_bits, kernel="cpu", dtype=torch.float32)
                 if mode == "asymmetric":
-                    x_fp_k, x_k = x_fp[idx].to(hdtype), x[idx].to(hdtype)
-                    cross[name] += 2 * (x_fp_k * w[:, None].to(hdtype)).T @ x_k  # [in, in]: sum w x x~^T
-        owners = dist.owners([lin.out_features * lin.in_features**2 for lin in linears])  # GPTQ cost ~ out * in^2
+                    with _fp_weights(layer, originals, quantized):
+                        x_fp = capture_linear_inputs(layer, group, fp_hiddens[s].to(device), kw).float()  # [T, in]
+            mine = functools.partial(_kept_tokens, token_sets, s, x, x_fp if mode == "asymmetric" else None, device) \
+                if s < len(kwargs) else None
+            # each Hessian is summed where it is solved, one sample at a time in the global sample order
+            for name, tokens in dist.to_owners_in_sample_order(s, counts, mine, owner_of, device):
+                _add_tokens(hessians[name], cross.get(name), *tokens)
+                del tokens  # before the next sample's copy exists
         for name, linear, owner in zip(group, linears, owners, strict=True):
-            hessian = dist.all_reduce_sum(hessians[name].hessian).float()
-            if mode == "asymmetric":
-                dist.all_reduce_sum(cross[name])
             result = None
             if dist.rank == owner:
+                hessian = hessians[name].hessian.float()
                 weight = linear.weight
                 if mode == "asymmetric":
                     weight = asymmetric_target(originals[name].float(), hessian, cross[name].float(), options.damp)
@@ -187,6 +191,25 @@ def calibrate_layer(
             )
             quantized.append(linear)
     return results
+
+
+def _kept_tokens(token_sets: Callable[[str], TokenSet], s: int, x: torch.Tensor, x_fp: torch.Tensor | None, device,
+                 name: str) -> tuple:
+    """Sample s's contribution to linear `name`'s statistics: the kept tokens' inputs [k, in], their
+    weights [k] and, for the asymmetric target, their FP-path inputs [k, in]."""
+    tokens = token_sets(name)
+    idx, w = tokens.indices[s].to(device), tokens.weights[s].to(device)
+    return (x[idx], w) if x_fp is None else (x[idx], w, x_fp[idx])
+
+
+def _add_tokens(hessian: HessianAccumulator, cross: torch.Tensor | None, x_k: torch.Tensor, w: torch.Tensor,
+                x_fp_k: torch.Tensor | None = None) -> None:
+    """Adds one sample's kept tokens to H (and, for the asymmetric target, to the cross matrix B)."""
+    hessian.add(x_k, w)
+    if x_fp_k is not None:
+        hdtype = cross.dtype
+        x_fp_k, x_k = x_fp_k.to(hdtype), x_k.to(hdtype)
+        cross += 2 * (x_fp_k * w[:, None].to(hdtype)).T @ x_k  # [in, in]: sum w x x~^T
 
 
 def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:

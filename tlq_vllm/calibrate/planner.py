@@ -61,8 +61,10 @@ ATen ops run, but sdpa kernels, cuBLAS/cuSOLVER workspaces and the caching alloc
 first GPU run should compare torch.cuda.max_memory_allocated with these numbers.
 
 Multi-rank (--nproc N; distributed.py, data parallel over samples): each rank catches and pushes
-its shard (S = ceil(num_samples / N)); partial Hessians are all-reduced in place; each GPTQ solve
-runs on one rank, so device peaks do not shrink with N. Host, as implemented (`Assumptions`):
+its shard (S = ceil(num_samples / N)); each linear's Hessian is summed on the rank that solves it
+(the other ranks send it their kept tokens' inputs, sample by sample) and each GPTQ solve runs on
+one rank, so device peaks do not shrink with N (the model still counts every linear's Hessian on
+every rank: an over-estimate). Host, as implemented (`Assumptions`):
 every rank loads its own copy of the weights (host_weights="shared" models one copy per node),
 prepares every sample's inputs (samples_on_every_rank), gathers every sample's per-token
 importances and token sets (importance_gathered) and keeps all layers' integers
