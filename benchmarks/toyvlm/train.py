@@ -19,21 +19,26 @@ is measured.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import platform
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.toyvlm.common import (
+    encode_texts,
+    learning_rate,
+    make_batch,
+    make_optimizer,
+    new_model,
+    save_model_dir,
+    train_step,
+)
 from tlq_vllm.testing.fixtures import (
     QWEN_SPECIAL_TOKENS,
     FixtureRecipe,
     TextDims,
-    make_config,
     make_processor,
     train_tokenizer,
 )
@@ -56,19 +61,8 @@ TOYVLM_RECIPE = FixtureRecipe(
 
 
 def build_model(recipe: FixtureRecipe = TOYVLM_RECIPE):
-    from transformers import AutoModelForImageTextToText, GenerationConfig
-
     tokenizer = train_tokenizer(QWEN_SPECIAL_TOKENS, recipe.tokenizer_vocab_size)
-    config = make_config(recipe, tokenizer)
-    torch.manual_seed(recipe.seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>")],
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
-    return model, make_processor(recipe, tokenizer)
+    return new_model(recipe, tokenizer), make_processor(recipe, tokenizer)
 
 
 def encode_images(processor, paths: dict[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,73 +76,6 @@ def encode_images(processor, paths: dict[int, str]) -> tuple[torch.Tensor, torch
         out = processor.image_processor(images=[Image.open(paths[i]).convert("RGB")], return_tensors="pt")
         patches[i] = out["pixel_values"]
     return patches, first["image_grid_thw"][0]
-
-
-def encode_texts(processor, questions: list[str], answers: list[str], image_tokens: int) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + answer + end of turn, number of answer tokens) per question, through
-    the chat template, with the image placeholder expanded to the image's token count (what the
-    processor does)."""
-    tokenizer = processor.tokenizer
-    encoded = []
-    for q, a in zip(questions, answers, strict=True):
-        prompt = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-            add_generation_prompt=True,
-        )
-        prompt = prompt.replace("<|image_pad|>", "<|image_pad|>" * image_tokens)
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a_ids = tokenizer(a + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        encoded.append((p_ids + a_ids, len(a_ids)))
-    return encoded
-
-
-def make_batch(items, patches, grid_thw, pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch with labels on the answer tokens only (`mm_token_type_ids` marks image
-    tokens for M-RoPE, as the processor does)."""
-    length = max(len(ids) for ids, _, _ in items)
-    input_ids = torch.full((len(items), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), length), -100, dtype=torch.long)
-    attention = torch.zeros((len(items), length), dtype=torch.long)
-    for row, (ids, n_answer, _) in enumerate(items):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-        labels[row, len(ids) - n_answer : len(ids)] = torch.tensor(ids[-n_answer:])
-    pixel_values = torch.cat([patches[image_id] for _, _, image_id in items])
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention,
-        "labels": labels,
-        "mm_token_type_ids": (input_ids == image_token_id).long(),
-        "pixel_values": pixel_values,
-        "image_grid_thw": grid_thw.repeat(len(items), 1),
-    }
-
-
-def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def plot_loss(log: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in log["history"]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [r["loss"] for r in log["history"]], label="train loss (answer tokens)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
-    ax.set_yscale("log")
-    ax.set_title(f"toy VLM on easy-vqa ({log['parameters'] / 1e6:.1f} M parameters)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,12 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"toy VLM: {n_params / 1e6:.2f} M parameters; {len(items)} training questions; "
           f"data prepared in {prepared:.0f} s")
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.98),
-    )
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
     order_rng = random.Random(args.seed)
     order: list[int] = []
     history, window = [], []
@@ -199,14 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             order.extend(epoch)
         batch_ids, order = order[: args.batch_size], order[args.batch_size :]
         batch = make_batch([items[i] for i in batch_ids], patches, grid_thw, tokenizer.pad_token_id, image_token_id)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        window.append(loss.item())
+        window.append(train_step(model, optimizer, batch, learning_rate(step, args.steps, args.lr, args.warmup)))
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             history.append({"step": step + 1, "loss": sum(window) / len(window),
                             "elapsed_s": round(time.time() - started, 1)})
@@ -214,11 +129,6 @@ def main(argv: list[str] | None = None) -> int:
             window = []
 
     out = Path(args.output)
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model = model.to(torch.bfloat16)
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
     log = {
         "recipe": TOYVLM_RECIPE.name,
         "parameters": n_params,
@@ -235,10 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "history": history,
     }
-    (staging / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
-    plot_loss(log, staging / "loss.png")
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    save_model_dir(model, processor, log, out, "toy VLM on easy-vqa")
     print(f"saved {out} ({log['wall_s'] / 60:.1f} min, final loss {history[-1]['loss']:.4f})")
     return 0
 

@@ -9,7 +9,9 @@ records too. `--image-column / --question-column / --answer-column` name other f
 - a JSON file holding a list of records (LLaVA's `llava_v1_5_mix665k.json` style);
 - a Hugging Face `datasets` dataset on disk: a `save_to_disk` directory, `.parquet` or `.arrow`
   files, or a directory of them (read by `hf_datasets`, which imports `datasets` only then);
-- the built-in `easy-vqa` train split.
+- the built-in `easy-vqa` train split;
+- the built-in procedural scenes, `scenes:<split>` (`scenes:calibration` is the one meant for
+  calibration; the test split is refused: it is the evaluation's).
 
 An image is a path, or for datasets also the encoded bytes of an image cell. Absolute paths are
 taken as they are: a user's own file naming the user's own images is the normal case. Relative
@@ -106,6 +108,10 @@ def load_records(
         if image_root is not None or fields != Fields():
             raise DataError("--image-root and --*-column apply to your own data, not to the built-in easy-vqa")
         return choose(easy_vqa_records(), num_samples, seed, data)
+    if data.startswith("scenes:"):
+        if image_root is not None or fields != Fields():
+            raise DataError("--image-root and --*-column apply to your own data, not to the built-in scenes")
+        return scene_records(data.removeprefix("scenes:"), num_samples, seed)
     path = Path(data)
     root = Path(image_root) if image_root is not None else None
     if root is not None and not root.is_dir():
@@ -134,8 +140,8 @@ def load_records(
         )
     else:
         raise DataError(
-            f"calibration data {data!r} not found (expected easy-vqa, a .jsonl, .json, .parquet or .arrow file, "
-            "or a directory of them)"
+            f"calibration data {data!r} not found (expected easy-vqa, scenes:calibration, a .jsonl, .json, "
+            ".parquet or .arrow file, or a directory of them)"
         )
     return choose(records, num_samples, seed, data)
 
@@ -177,6 +183,25 @@ def easy_vqa_records() -> list[Record]:
         Record([Path(image_paths[i])], q, a, f"easy-vqa:{n}")
         for n, (q, a, i) in enumerate(zip(questions, answers, image_ids, strict=True))
     ]
+
+
+def scene_records(split: str, num_samples: int, seed: int) -> list[Record]:
+    """`num_samples` question/caption records of the split's first CALIBRATION_POOL scenes (every
+    item of a scene is a record, its answer the label); only the chosen scenes are drawn."""
+    from tlq_vllm import scenes
+
+    if split not in scenes.SPLITS or split == "test":
+        raise DataError(f"scenes:{split}: calibrate on scenes:calibration (or train / validation); "
+                        "scenes:test is the evaluation split")
+    per_scene = len(scenes.TASK_TYPES)
+    chosen = chosen_indices(scenes.CALIBRATION_POOL * per_scene, num_samples, seed, f"scenes:{split}")
+    records = []
+    for k in chosen:
+        index, item = divmod(k, per_scene)
+        qa = scenes.generate(split, index).items[item]
+        records.append(Record([scenes.image_file(split, index)], qa.question, qa.answer,
+                              f"scenes:{split}:{index}:{qa.type}"))
+    return records
 
 
 def jsonl_values(path: Path) -> Iterator[tuple[str, object]]:

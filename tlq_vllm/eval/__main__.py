@@ -23,8 +23,13 @@ from tlq_vllm.eval.vqa import VQAItem, load_items, vqa_score
 
 
 def score(items: list[VQAItem], predictions: list[str]) -> dict:
+    """Accuracy over all items and, where items have a question type, `accuracy_<type>` per type."""
     scores = [vqa_score(p, it.answers) for p, it in zip(predictions, items, strict=True)]
-    return {"accuracy": sum(scores) / len(scores), "questions": len(items)}
+    metrics = {"accuracy": sum(scores) / len(scores), "questions": len(items)}
+    for t in dict.fromkeys(it.type for it in items if it.type):
+        typed = [s for s, it in zip(scores, items, strict=True) if it.type == t]
+        metrics[f"accuracy_{t}"] = sum(typed) / len(typed)
+    return metrics
 
 
 def evaluate_hf(model_dir, encoded, *, reference: list[torch.Tensor] | None = None,
@@ -48,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--model", help="model directory (FP or compressed-tensors), evaluated with transformers")
     target.add_argument("--endpoint", help="OpenAI-compatible base URL of a running server, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("--data", default="easy-vqa", help="easy-vqa (test split) or a VQA JSONL (default easy-vqa)")
+    parser.add_argument("--data", default="easy-vqa",
+                        help="easy-vqa (test split), scenes (test split; scenes:validation) or a VQA JSONL "
+                        "(default easy-vqa)")
     parser.add_argument("--limit", type=int, help="a fixed subset of this many questions (seeded; default all)")
     parser.add_argument("--seed", type=int, default=0, help="subset seed (default 0)")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -1,4 +1,5 @@
-"""VQA items and scoring: easy-vqa's test split or a generic VQA JSONL; exact match / VQA accuracy.
+"""VQA items and scoring: easy-vqa's test split, the procedural scenes (`scenes`: the test split,
+`scenes:validation` for choosing knobs) or a generic VQA JSONL; exact match / VQA accuracy.
 
 A generic record is `{"image": "img.png", "question": "...", "answers": ["...", ...]}` (`answer`
 for a single one); image paths resolve relative to the JSONL file. Scoring normalises both sides
@@ -23,6 +24,7 @@ class VQAItem:
     image: Path
     question: str
     answers: tuple[str, ...]
+    type: str = ""  # question type, where the data set has them (scenes): accuracy is also reported per type
 
 
 def load_items(data: str, *, limit: int | None = None, seed: int = 0) -> list[VQAItem]:
@@ -31,10 +33,12 @@ def load_items(data: str, *, limit: int | None = None, seed: int = 0) -> list[VQ
     so the same (limit, seed) always selects the same questions."""
     if data == "easy-vqa":
         items = easy_vqa_test_items()
+    elif data == "scenes" or data.startswith("scenes:"):
+        items = scene_items(data.removeprefix("scenes").removeprefix(":") or "test")
     else:
         path = Path(data)
         if not path.is_file():
-            raise DataError(f"evaluation data {data!r} not found (expected easy-vqa or a .jsonl file)")
+            raise DataError(f"evaluation data {data!r} not found (expected easy-vqa, scenes or a .jsonl file)")
         items = jsonl_items(path)
     if not items:
         raise DataError(f"evaluation data {data!r} is empty")
@@ -54,6 +58,20 @@ def easy_vqa_test_items() -> list[VQAItem]:
         VQAItem(f"easy-vqa-test:{n}", Path(paths[i]), q, (a,))
         for n, (q, a, i) in enumerate(zip(questions, answers, image_ids, strict=True))
     ]
+
+
+def scene_items(split: str) -> list[VQAItem]:
+    """Every question (not the caption) of the split's first EVAL_SCENES scenes: 7 types a scene."""
+    from tlq_vllm import scenes
+
+    if split not in ("test", "validation"):
+        raise DataError(f"scenes:{split}: evaluate on scenes (the test split) or scenes:validation")
+    items = []
+    for index in range(scenes.EVAL_SCENES):
+        image = scenes.image_file(split, index)
+        items += [VQAItem(f"scenes-{split}:{index}:{qa.type}", image, qa.question, (qa.answer,), qa.type)
+                  for qa in scenes.generate(split, index).items if qa.type != "caption"]
+    return items
 
 
 def jsonl_items(path: Path) -> list[VQAItem]:
