@@ -14,7 +14,6 @@ from torch.utils._pytree import tree_flatten
 from tlq_vllm.calibrate.planner import (
     LEAN,
     METHODS,
-    SCHEME_BITS,
     SNAPSHOT_DIR,
     STAGES,
     Assumptions,
@@ -29,6 +28,7 @@ from tlq_vllm.calibrate.planner import (
     plan_from_path,
     snapshot_names,
 )
+from tlq_vllm.calibrate.schemes import SCHEMES
 from tlq_vllm.testing import build_fixture
 
 # Total parameters on the public model cards (tied embeddings counted once).
@@ -55,7 +55,7 @@ def test_the_nine_snapshots_ship():
 def test_every_snapshot_plans(name):
     predicted = model_dims(load_config(name)[0]).total_params
     assert abs(predicted - PUBLIC_SIZES[name]) / PUBLIC_SIZES[name] < 0.01
-    for scheme in SCHEME_BITS:
+    for scheme in SCHEMES:
         for method in METHODS:
             p = plan_from_path(name, scheme=scheme, method=method, num_samples=64, max_seq_len=1024,
                                device_mem_bytes=24 * GiB, host_mem_bytes=256 * GiB)

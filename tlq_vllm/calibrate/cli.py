@@ -15,12 +15,12 @@ from dataclasses import fields
 
 from tlq_vllm.calibrate.config import (
     GRANULARITIES,
-    METHODS,
     CalibrationConfig,
     ConfigError,
     available_recipes,
     load_recipe,
 )
+from tlq_vllm.calibrate.methods import METHOD_NAMES
 from tlq_vllm.calibrate.schemes import SCHEMES
 from tlq_vllm.paths import python_command
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--data", help="easy-vqa, scenes:calibration, a .jsonl, a LLaVA .json list, a datasets "
                     f"save_to_disk directory, .parquet or .arrow files, or a directory of them (default {d.data})")
     io.add_argument("--scheme", help=f"one of {', '.join(SCHEMES)} (default {d.scheme})")
-    io.add_argument("--method", choices=METHODS, help=f"calibration method (default {d.method})")
+    io.add_argument("--method", choices=METHOD_NAMES, help=f"calibration method (default {d.method})")
     io.add_argument("--output", "-o", help="output directory (default out/<model>-<method>-<scheme>)")
     io.add_argument("--device", help=f"auto, cpu, cuda, cuda:N (default {d.device})")
     io.add_argument("--seed", type=int, help=f"sample selection and everything random (default {d.seed})")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
+from tlq_vllm.calibrate.methods import get_method
 from tlq_vllm.paths import user_folder
 
-METHODS = ("rtn", "gptq", "mbq", "tlq", "smoothquant")
 GRANULARITIES = ("linear", "layer")
 DEFAULT_MODEL = "toyvlm"
 
@@ -76,8 +76,10 @@ class CalibrationConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.scheme = self.scheme.upper()
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        try:
+            method = get_method(self.method)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.importance_granularity not in GRANULARITIES:
             raise ConfigError(
                 f"unknown importance granularity {self.importance_granularity!r}; choose {' or '.join(GRANULARITIES)}"
@@ -96,8 +98,8 @@ class CalibrationConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        if self.method == "smoothquant" and self.smoothquant_alpha is None:
-            self.smoothquant_alpha = 0.5
+        if self.smoothquant_alpha is None:
+            self.smoothquant_alpha = method.smoothquant_alpha
         if self.smoothquant_alpha is not None:
             if not get_scheme(self.scheme).quantizes_activations:
                 raise ConfigError(

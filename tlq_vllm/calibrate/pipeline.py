@@ -40,12 +40,13 @@ from tlq_vllm.calibrate.layerwise import (
     LinearResult,
     SolverOptions,
     activation_fake_quant,
-    calibrate_layer,
     rtn_layer,
 )
+from tlq_vllm.calibrate.methods import TOKEN, get_method
 from tlq_vllm.calibrate.quantizer import dequantize
 from tlq_vllm.calibrate.schemes import Scheme, get_scheme
-from tlq_vllm.calibrate.streaming import catch_layer_inputs, on_device, pre_decoder_on_device, run_layer
+from tlq_vllm.calibrate.stack import block_provenance, calibrate_stack
+from tlq_vllm.calibrate.streaming import catch_layer_inputs, pre_decoder_on_device
 from tlq_vllm.models import ModelAdapter, adapter_for_model_type
 from tlq_vllm.paths import cache_root, python_command
 
@@ -277,7 +278,7 @@ def run(config: CalibrationConfig) -> Path:
             model=model_ref,
         )
         options = SolverOptions(
-            solver="rtn" if config.method in ("rtn", "smoothquant") else "gptq",
+            solver=get_method(config.method).solver,
             block_size=config.block_size,
             damp=config.damp,
             act_order=config.act_order,
@@ -294,7 +295,7 @@ def run(config: CalibrationConfig) -> Path:
         results: dict[int, dict[str, LinearResult]] = {}
         vision_results: dict[int, dict[str, LinearResult]] = {}
         try:
-            if config.method == "rtn" and config.smoothquant_alpha is None:  # no data needed
+            if not get_method(config.method).needs_data(config.smoothquant_alpha):
                 for l, layer in enumerate(tqdm(layers, desc="rtn", disable=not config.progress)):
                     results[l] = rtn_layer(layer, names, scheme, options)
                 if config.quantize_vision:
@@ -327,13 +328,7 @@ def run(config: CalibrationConfig) -> Path:
                 "num_tokens": sum(s.num_tokens for s in samples),
             },
             "seed": config.seed,
-            "layers": [
-                {
-                    name: {"weighted_error_rtn": r.error_rtn, "weighted_error": r.error, "fallback_rtn": r.fallback_rtn}
-                    for name, r in results[l].items()
-                }
-                for l in range(len(layers))
-            ],
+            "layers": [block_provenance(results[l]) for l in range(len(layers))],
             **provenance_extra,
             "memory": memory,
             "wall_time_s": round(time.time() - started, 2),
@@ -411,7 +406,8 @@ def calibrate_model(model, adapter, all_samples, scheme, options, config, device
 
     token_sets_for_layer = lambda l: lambda name: uniform  # noqa: E731
     uniform = all_tokens(local_roles)
-    if config.method in ("tlq", "mbq"):
+    method = get_method(config.method)
+    if method.needs_gradients:
         t0 = time.time()
         raw, losses, decoder_input_grads = gradient_importance(
             layers,
@@ -432,7 +428,7 @@ def calibrate_model(model, adapter, all_samples, scheme, options, config, device
             "mean_answer_loss": sum(losses) / len(losses),
             "per_layer_raw": modality_means(raw, roles),
         }
-        if config.method == "tlq":
+        if method.token_weights == TOKEN:
             scores = integrate(raw, beta=config.beta, clip_percentile=config.clip_percentile)
             if config.modality_level:
                 scores = modality_average(scores, roles)
@@ -453,7 +449,7 @@ def calibrate_model(model, adapter, all_samples, scheme, options, config, device
                 f"token set keeps {kept:.0f}/{sum(r.numel() for r in roles)} tokens per linear",
                 seconds=time.time() - t0,
             )
-        else:
+        else:  # MODALITY
             ratios = mbq_ratios(raw, roles)
             extra["mbq_vision_weights"] = ratios
             mbq_sets = [modality_tokens(local_roles, r) for r in ratios]
@@ -466,17 +462,11 @@ def calibrate_model(model, adapter, all_samples, scheme, options, config, device
     if config.quantize_vision:
         from tlq_vllm.calibrate.vision import calibrate_vision, vision_linear_names
 
-        grads = decoder_input_grads if config.method == "tlq" else None
+        grads = decoder_input_grads if method.token_weights == TOKEN else None
         vision_results = calibrate_vision(
             model, adapter, samples, scheme, options, config, device, log, grads, dist, len(all_samples)
         )
-        extra["vision_layers"] = [
-            {
-                name: {"weighted_error_rtn": r.error_rtn, "weighted_error": r.error, "fallback_rtn": r.fallback_rtn}
-                for name, r in vision_results[b].items()
-            }
-            for b in sorted(vision_results)
-        ]
+        extra["vision_layers"] = [block_provenance(vision_results[b]) for b in sorted(vision_results)]
         vision_linears = [
             m for b in adapter.vision_layers(model) for m in (b.get_submodule(n) for n in vision_linear_names(adapter))
         ]
@@ -497,49 +487,16 @@ def calibrate_model(model, adapter, all_samples, scheme, options, config, device
         else None
     )
     mode = "fp" if not config.exposure else ("asymmetric" if config.asymmetric_target else "exposed")
-    results: dict[int, dict[str, LinearResult]] = {}
-    bar = tqdm(range(len(layers)), desc="calibrate layers", disable=not config.progress)
-    for l in bar:
-        layer = layers[l]
-        with on_device(layer, device):
-            t0 = time.time()
-            next_fp = run_layer(layer, fp_hiddens, kwargs, device) if fp_hiddens is not None else None
-            if config.smoothquant_alpha is not None:
-                smooth_layer(layer, adapter, hiddens, kwargs, config.smoothquant_alpha, device, dist)
-            if l in finished:
-                results[l] = finished[l]
-                apply_results(layer, results[l], scheme)
-            else:
-                results[l] = calibrate_layer(
-                    layer,
-                    adapter.decoder_groups,
-                    hiddens,
-                    kwargs,
-                    token_sets_for_layer(l),
-                    scheme,
-                    options,
-                    device=device,
-                    fp_hiddens=fp_hiddens,
-                    mode=mode,
-                    dist=dist,
-                )
-                partial.save_layer(l, results[l])
-                before = sum(r.error_rtn for r in results[l].values())
-                after = sum(r.error for r in results[l].values())
-                fallbacks = [n for n, r in results[l].items() if r.fallback_rtn]
-                log.event(
-                    "layer",
-                    f"layer {l:3d}: weighted error rtn {before:.4g} -> {config.method} {after:.4g} "
-                    f"({time.time() - t0:.1f}s)" + (f"; RTN fallback in {fallbacks}" if fallbacks else ""),
-                    layer=l,
-                    error_rtn=before,
-                    error=after,
-                    seconds=time.time() - t0,
-                    fallback=fallbacks,
-                )
-            with activation_fake_quant([layer.get_submodule(n) for n in names], scheme):
-                hiddens = run_layer(layer, hiddens, kwargs, device)
-            fp_hiddens = next_fp
+    def smooth(layer, hiddens, kwargs):
+        smooth_layer(layer, adapter, hiddens, kwargs, config.smoothquant_alpha, device, dist)
+
+    results = calibrate_stack(
+        layers, adapter.decoder_groups, hiddens, lambda l: kwargs, token_sets_for_layer, scheme, options,
+        device=device, log=log, label="layer", method=config.method, progress=config.progress, dist=dist,
+        fp_hiddens=fp_hiddens, mode=mode, finished=finished,
+        before_block=smooth if config.smoothquant_alpha is not None else None,
+        apply_finished=lambda layer, done: apply_results(layer, done, scheme), save=partial.save_layer,
+    )
     return results, vision_results, extra
 
 

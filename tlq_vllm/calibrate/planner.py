@@ -84,6 +84,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tlq_vllm.calibrate.methods import GPTQ, METHOD_NAMES, TOKEN, get_method
+from tlq_vllm.calibrate.schemes import SCHEMES
+from tlq_vllm.models.adapters import QWEN2_DECODER_GROUPS
 from tlq_vllm.paths import MODEL_CONFIG_SNAPSHOTS
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -95,19 +98,12 @@ SNAPSHOT_DIR = MODEL_CONFIG_SNAPSHOTS
 
 FAMILIES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "llava_onevision": "llava-onevision"}
 
-# The Qwen2 decoder linears (tlq_vllm.models.adapters.QWEN2_DECODER_GROUPS), by execution group.
-DECODER_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+# The Qwen2 decoder linears by execution group (every supported family shares this decoder).
+DECODER_GROUPS = QWEN2_DECODER_GROUPS
 N_LINEARS = sum(len(g) for g in DECODER_GROUPS)
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-SCHEME_BITS = {"W4A16": (4, 128, None), "W3A16": (3, 128, None), "W8A16": (8, 128, None),
-               "W8A8": (8, None, 8), "W4A8": (4, 128, 8)}
-METHODS = ("rtn", "gptq", "mbq", "tlq", "smoothquant")
+METHODS = METHOD_NAMES
 
 
 class PlanError(ValueError):
@@ -489,8 +485,8 @@ def _calibrate_device(d: ModelDims, T: int, scheme: str, method: str, asymmetric
     while the new ones are allocated), statistics (one sample's capture and the float64 product),
     solve (the float32 H, GPTQ's copies, the error report's [out, in] temporaries)."""
     shapes = d.linear_shapes()
-    b, a8, hb = d.dtype_bytes, SCHEME_BITS[scheme][2] is not None, a.hessian_bytes
-    solve = method not in ("rtn", "smoothquant")
+    b, a8, hb = d.dtype_bytes, SCHEMES[scheme].quantizes_activations, a.hessian_bytes
+    solve = get_method(method).solver == GPTQ
     cross = 1 if (a.cross_always or asymmetric) else 0
     h32 = 1 if a.hessian_float32_copy else 0
     fwd = _forward_act(d, T, a)
@@ -552,8 +548,8 @@ def plan(
     """
     a = assumptions or Assumptions()
     scheme = scheme.upper()
-    if scheme not in SCHEME_BITS:
-        raise PlanError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEME_BITS)}")
+    if scheme not in SCHEMES:
+        raise PlanError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if method not in METHODS:
         raise PlanError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if importance_granularity not in ("linear", "layer"):
@@ -570,9 +566,10 @@ def plan(
         Tv = min(Tv, _tokens_for_pixels(d, max_pixels))
     S = math.ceil(num_samples / nproc)
     b, L, H = d.dtype_bytes, d.layers, d.hidden
-    bits, group, _ = SCHEME_BITS[scheme]
-    uses_data = method != "rtn"
-    uses_importance = method in ("tlq", "mbq")
+    bits, group = SCHEMES[scheme].weight_bits, SCHEMES[scheme].group_size
+    calibration = get_method(method)
+    uses_data = calibration.needs_data(calibration.smoothquant_alpha)
+    uses_importance = calibration.needs_gradients
 
     weights = d.total_params * b
     layer = d.layer_params * b
@@ -631,17 +628,17 @@ def plan(
                 "results": results}
         if uses_importance:  # gradient_importance returns dL/dh_0 per sample; calibrate_model keeps it
             host["decoder-input gradients"] = S * T * H * 4
-        if method == "tlq":
+        if calibration.token_weights == TOKEN:
             host["importances + scores"] = 2 * imp_all
             host["token sets"] = int(gathered * T * a.keep_fraction * 12 * L * N_LINEARS)
-        elif method == "mbq":
+        elif uses_importance:  # one weight per modality: the raw importances only
             host["importances"] = imp_all
         rows.append(("calibrate layer", dev, host, {"layer": layer}, False))
     else:
         largest = max(o * i for o, i in d.linear_shapes().values())
         rows.append(("calibrate layer", {}, {**base_host, "results": results, "solver": 6 * largest * 4}, {}, False))
 
-    packed = bits / 8 if (SCHEME_BITS[scheme][2] is None) else 1.0
+    packed = bits / 8 if not SCHEMES[scheme].quantizes_activations else 1.0
     if bits == 3:
         packed = 4 / 10  # 10 values per int32
     compressed = int(d.quantized_params * (packed + 2 * (1 / group if group else 1 / d.hidden)))
@@ -763,7 +760,7 @@ def suggestions(config_json: dict, p: Plan, *, max_ranks: int = 8) -> list[Sugge
         return out
 
     granularities = [{}]
-    if s["method"] in ("tlq", "mbq") and s["importance_granularity"] == "linear":
+    if get_method(s["method"]).needs_gradients and s["importance_granularity"] == "linear":
         granularities.append({"importance_granularity": "layer"})
     # more ranks first (fewer samples per rank); fewer ranks help when every rank holds the weights
     ranks = [{"nproc": n} for n in (2, 4, 8, 16) if s["nproc"] < n <= max_ranks]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from tlq_vllm.calibrate.data import ROLE_VISION
 from tlq_vllm.calibrate.distributed import SINGLE, Dist
@@ -23,8 +22,10 @@ from tlq_vllm.calibrate.importance import (
     select_tokens,
     vision_gradient_importance,
 )
-from tlq_vllm.calibrate.layerwise import LinearResult, activation_fake_quant, calibrate_layer, rtn_layer
-from tlq_vllm.calibrate.streaming import catch_block_kwargs, on_device, pre_decoder_on_device, run_layer, to_device
+from tlq_vllm.calibrate.layerwise import LinearResult, rtn_layer
+from tlq_vllm.calibrate.methods import TOKEN, get_method
+from tlq_vllm.calibrate.stack import calibrate_stack
+from tlq_vllm.calibrate.streaming import catch_block_kwargs, pre_decoder_on_device, to_device
 
 
 def vision_linear_names(adapter) -> list[str]:
@@ -39,7 +40,7 @@ def calibrate_vision(model, adapter, samples, scheme, options, config, device, l
     samples (and decoder_input_grads) are this rank's shard of num_samples samples."""
     blocks = adapter.vision_layers(model)
     names = vision_linear_names(adapter)
-    if config.method == "rtn" and config.smoothquant_alpha is None:
+    if not get_method(config.method).needs_data(config.smoothquant_alpha):
         return {b: rtn_layer(block, names, scheme, options) for b, block in enumerate(blocks)}
 
     layers = adapter.layers(model)
@@ -53,7 +54,7 @@ def calibrate_vision(model, adapter, samples, scheme, options, config, device, l
 
     token_sets = lambda b: (lambda name: uniform)  # noqa: E731
     uniform = all_tokens(local_roles)
-    if config.method == "tlq" and decoder_input_grads is not None:
+    if get_method(config.method).token_weights == TOKEN and decoder_input_grads is not None:
         t0 = time.time()
         with pre_decoder_on_device(model, adapter.decoder_layers, device):
             raw = vision_gradient_importance(
@@ -67,17 +68,6 @@ def calibrate_vision(model, adapter, samples, scheme, options, config, device, l
         token_sets = lambda b: sets[b].__getitem__  # noqa: E731
         log.event("vision-importance", f"vision importance: {time.time() - t0:.1f}s", seconds=time.time() - t0)
 
-    results = {}
-    for b in tqdm(range(len(blocks)), desc="calibrate vision blocks", disable=not config.progress):
-        block = blocks[b]
-        with on_device(block, device):
-            t0 = time.time()
-            results[b] = calibrate_layer(block, adapter.vision_groups, hiddens, block_kwargs[b], token_sets(b),
-                                         scheme, options, device=device, dist=dist)
-            before = sum(r.error_rtn for r in results[b].values())
-            after = sum(r.error for r in results[b].values())
-            log.event("vision-block", f"vision block {b:3d}: weighted error rtn {before:.4g} -> {config.method} "
-                      f"{after:.4g} ({time.time() - t0:.1f}s)", block=b, error_rtn=before, error=after)
-            with activation_fake_quant([block.get_submodule(n) for n in names], scheme):
-                hiddens = run_layer(block, hiddens, block_kwargs[b], device)
-    return results
+    return calibrate_stack(blocks, adapter.vision_groups, hiddens, block_kwargs.__getitem__, token_sets, scheme,
+                           options, device=device, log=log, label="vision block", method=config.method,
+                           progress=config.progress, dist=dist)
