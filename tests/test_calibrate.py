@@ -10,6 +10,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import tlq_vllm.calibrate.layerwise as layerwise
 import tlq_vllm.calibrate.pipeline as run_module
+import tlq_vllm.calibrate.stack as stack_module  # the layer-stack loop calls calibrate_layer
 from tlq_vllm.calibrate import CalibrationConfig, run
 from tlq_vllm.calibrate.cli import main
 from tlq_vllm.testing import build_fixture
@@ -110,7 +111,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
     reference = calibrate(tmp_path, "reference", model=fixture)
 
     calls = {"n": 0}
-    original = run_module.calibrate_layer
+    original = stack_module.calibrate_layer
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -118,13 +119,13 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "calibrate_layer", interrupted)
+    monkeypatch.setattr(stack_module, "calibrate_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         calibrate(tmp_path, "resumed", model=fixture)
     assert not (tmp_path / "resumed").exists()  # nothing half-written
     assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
 
-    monkeypatch.setattr(run_module, "calibrate_layer", original)
+    monkeypatch.setattr(stack_module, "calibrate_layer", original)
     calls["n"] = 0
     resumed = calibrate(tmp_path, "resumed", model=fixture, resume=True)
     expected, got = tensors(reference), tensors(resumed)
