@@ -7,8 +7,8 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from tlq_vllm.models import adapter_for_model_type
+from tlq_vllm.models.tiny import FIXTURES
 from tlq_vllm.testing import build_fixture
-from tlq_vllm.testing.fixtures import FIXTURES
 
 
 def chat_inputs(processor, image, question="What shape is in the image?"):
@@ -101,8 +101,8 @@ def test_real_width_recipe_has_the_snapshot_decoder_shape():
     """The weight-bound benchmark model has Qwen2-VL-2B's decoder, as its config.json snapshot states it."""
     import json
 
+    from tlq_vllm.models.tiny import FIXTURES, QWEN_SPECIAL_TOKENS, REAL_WIDTH, make_config, train_tokenizer
     from tlq_vllm.paths import MODEL_CONFIG_SNAPSHOTS
-    from tlq_vllm.testing.fixtures import FIXTURES, QWEN_SPECIAL_TOKENS, REAL_WIDTH, make_config, train_tokenizer
 
     recipe = REAL_WIDTH["qwen2-vl-2b-width"]
     assert recipe.name not in FIXTURES  # never built by the fixture_dir parametrisation

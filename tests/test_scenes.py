@@ -63,8 +63,8 @@ def test_every_image_gives_at_least_64_vision_tokens_through_qwen2_vl_processors
     from transformers import AutoProcessor
 
     from benchmarks.toyvlm2.train import RECIPES
+    from tlq_vllm.models.tiny import make_processor
     from tlq_vllm.testing import build_fixture
-    from tlq_vllm.testing.fixtures import make_processor
 
     fixture = AutoProcessor.from_pretrained(build_fixture("qwen2-vl"))
     testbed = make_processor(RECIPES["toyvlm-scenes"], fixture.tokenizer, max_pixels=scenes.CANVAS**2)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tlq_vllm.testing.fixtures import FixtureRecipe, make_config
+from tlq_vllm.models.tiny import FixtureRecipe, make_config
 
 
 def new_model(recipe: FixtureRecipe, tokenizer):

@@ -3,7 +3,7 @@
 No pretrained VLM can be downloaded on these machines, so the accuracy benchmark needs a model
 whose answers mean something: this one learns easy-vqa's train split (38,575 questions on 4,000
 64x64 images of one coloured shape) from scratch. Architecture, tokenizer, chat template and
-image processor are the tiny fixtures' (`tlq_vllm.testing.fixtures`) at a larger size, so the
+image processor are the tiny fixtures' (`tlq_vllm.models.tiny`) at a larger size, so the
 result is a regular Qwen2-VL directory that transformers, vLLM and the calibrator load.
 
 Loss: next-token cross-entropy on the answer tokens (the answer and the end of turn) only.
@@ -35,7 +35,7 @@ from benchmarks.toyvlm.common import (
     save_model_dir,
     train_step,
 )
-from tlq_vllm.testing.fixtures import (
+from tlq_vllm.models.tiny import (
     QWEN_SPECIAL_TOKENS,
     FixtureRecipe,
     TextDims,

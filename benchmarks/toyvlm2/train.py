@@ -38,8 +38,8 @@ import torch
 
 from benchmarks.toyvlm import common
 from tlq_vllm import scenes
+from tlq_vllm.models.tiny import QWEN_SPECIAL_TOKENS, FixtureRecipe, TextDims, make_processor, train_tokenizer
 from tlq_vllm.paths import cache_root
-from tlq_vllm.testing.fixtures import QWEN_SPECIAL_TOKENS, FixtureRecipe, TextDims, make_processor, train_tokenizer
 
 # About 5 M parameters (10 MB in bf16): a 4-layer Qwen2 decoder (hidden 256, MLP 768: the part
 # that is quantized, small beside its task of captions of up to 5 objects and 7 question types)

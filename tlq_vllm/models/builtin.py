@@ -2,11 +2,13 @@
 
 - `toyvlm`: the toy VLM trained on easy-vqa (benchmarks/toyvlm/train.py), committed under
   tlq_vllm/assets/toyvlm-easyvqa: the calibrator's default and the accuracy benchmark's model;
-- `fixture:<name>`: an offline tiny VLM with random weights (tlq_vllm.testing.fixtures), for tests.
+- `fixture:<name>`: an offline tiny VLM with random weights (tlq_vllm.models.tiny), for tests;
+  also `fixture:qwen2-vl-2b-width` (random weights at Qwen2-VL-2B's width) for weight-bound benchmarks.
 """
 
 from __future__ import annotations
 
+from tlq_vllm.models.tiny import build_fixture
 from tlq_vllm.paths import TOYVLM_DIR
 
 
@@ -18,7 +20,5 @@ def resolve_builtin(name: str) -> str | None:
             raise ValueError(f"the toy VLM is missing from {TOYVLM_DIR} (python -m benchmarks.toyvlm.train)")
         return str(TOYVLM_DIR)
     if name.startswith("fixture:"):
-        from tlq_vllm.testing import build_fixture
-
         return str(build_fixture(name.split(":", 1)[1]))
     return None

@@ -1,4 +1,4 @@
-"""Offline tiny VLMs of real architectures, for tests and benchmarks.
+"""Offline tiny VLMs of real architectures, for tests and benchmarks (`--model fixture:<name>`).
 
 No pretrained VLM can be downloaded on these machines, so each fixture is a real transformers
 architecture (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) at a few million parameters with random,
@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tlq_vllm.models.adapters import adapter_for_model_type, rename_saved_keys
 from tlq_vllm.paths import cache_root
 
 FIXTURE_FORMAT_VERSION = 1
@@ -173,7 +174,6 @@ def write_fixture(recipe: FixtureRecipe, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
-    from tlq_vllm.models import adapter_for_model_type, rename_saved_keys
 
     is_llava = recipe.family == "llava_onevision"
     tokenizer = train_tokenizer(
