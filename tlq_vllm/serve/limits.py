@@ -85,12 +85,13 @@ def derive_limits(checkpoint: Path, preset_args: dict, given: dict[str, str | No
         args["max-model-len"] = max_len = model_len
     else:
         max_len = int(args.get("max-model-len") or model_len or 0)
-    per_token = pixels_per_token(image_processor_config(checkpoint))
+    processor = image_processor_config(checkpoint)
+    per_token = pixels_per_token(processor)
     if not (max_len and per_token) or {"mm-processor-kwargs", "limit-mm-per-prompt"} & given.keys():
         return args, changes
     images = int(json.loads(str(args.get("limit-mm-per-prompt", '{"image": 1}'))).get("image", 1)) or 1
     kwargs = json.loads(str(args.get("mm-processor-kwargs", "{}")))
-    pixels = kwargs.get("max_pixels") or processor_max_pixels(image_processor_config(checkpoint))
+    pixels = kwargs.get("max_pixels") or processor_max_pixels(processor)
     budget = int(max_len * IMAGE_SHARE_OF_CONTEXT) // images * per_token
     if pixels is not None and pixels > budget:
         kwargs["max_pixels"] = budget

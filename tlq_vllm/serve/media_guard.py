@@ -66,9 +66,7 @@ def media_urls(body) -> list[str]:
             for key, value in node.items():
                 if key in URL_KEYS and isinstance(value, str):
                     found.append(value)
-                elif key in URL_KEYS and isinstance(value, dict) and isinstance(value.get("url"), str):
-                    found.append(value["url"])
-                else:
+                else:  # e.g. image_url: {"url": ...}, found one level down
                     walk(value)
         elif isinstance(node, list):
             for item in node:
