@@ -13,14 +13,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tlq_vllm.eval.endpoint import image_data_url
-from tlq_vllm.serve.process import free_port
+from tlq_vllm.serve.process import free_port, stop_process_group, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -40,36 +38,6 @@ def printed_line(text: str, label: str) -> str:
     return lines[-1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 420) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    import signal
-
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        if proc.poll() is None:
-            os.killpg(proc.pid, sig)
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the engine core, if its parent went first
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def test_make_calibrate_then_printed_serve_command_then_printed_curl(tmp_path):
     import easy_vqa
     import openai
@@ -87,7 +55,7 @@ def test_make_calibrate_then_printed_serve_command_then_printed_curl(tmp_path):
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc, log)
+        wait_until_healthy(proc, url, log, timeout=420)
         text = log.read_text()
         assert "tlq serve: max-model-len 1024: the model's maximum (the preset asks 2048)" in text
         model = printed_line(text, "tlq serve: ").split(" at ")[0]
@@ -117,7 +85,7 @@ def test_make_calibrate_then_printed_serve_command_then_printed_curl(tmp_path):
         reply = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
         assert reply.choices[0].message.content
     finally:
-        stop(proc)
+        stop_process_group(proc)
 
 
 def test_allowed_domain_is_fetched_and_large_images_fit_the_context(tmp_path):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_first_run import fresh_shell_env, stop, wait_healthy
+from tests.test_first_run import fresh_shell_env
 from tlq_vllm.serve.cli import curl_example
+from tlq_vllm.serve.process import stop_process_group, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 READMES = [ROOT / "README.md", ROOT / "serve" / "README.md"]
@@ -94,12 +95,12 @@ def test_launch_script_serves_on_port_8000(tmp_path):
         proc = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=fresh_shell_env(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_healthy("http://127.0.0.1:8000", proc, log)
+        wait_until_healthy(proc, "http://127.0.0.1:8000", log, timeout=420)
         with urllib.request.urlopen("http://127.0.0.1:8000/v1/models", timeout=10) as r:
             assert r.status == 200
         assert "preset " + str(ROOT / "serve" / "cpu.yaml") in log.read_text()
     finally:
-        stop(proc)
+        stop_process_group(proc)
 
 
 def test_plan_suggestions_run_verbatim_and_fit():

@@ -38,6 +38,34 @@ def last_line(path: Path, pattern: tuple[str, ...] = ("Error", "error", "Excepti
     return "(empty log)"
 
 
+def wait_until_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:
+    """Returns when GET url/health answers 200; raises when the server exits first or the time is up."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {last_line(log_path)}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        time.sleep(1)
+    raise RuntimeError(f"server not healthy after {timeout:.0f} s (log {log_path})")
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to the group of a process started with start_new_session=True."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+    # Stragglers of the group (the engine core) whose leader has already gone.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through ServerProcess.__exit__, which stops the server
 
@@ -67,37 +95,16 @@ class ServerProcess:
                                      env=env, cwd=self.cwd)
         self.url = f"http://127.0.0.1:{port}"
         try:
-            self._wait_healthy()
+            wait_until_healthy(self.proc, self.url, self.log_path, self.timeout)
         except BaseException:
             self.stop()
             raise
         self.startup_s = time.time() - start
         return self.url
 
-    def _wait_healthy(self) -> None:
-        deadline = time.time() + self.timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {last_line(self.log_path)}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            time.sleep(1)
-        raise RuntimeError(f"server not healthy after {self.timeout:.0f} s (log {self.log_path})")
-
     def stop(self) -> None:
         if self.proc is not None:
-            for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-                if self.proc.poll() is not None:
-                    break
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(wait)
-            # Stragglers of the group (the engine core) whose leader has already gone.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            stop_process_group(self.proc)
         if getattr(self, "_log", None):
             self._log.close()
         if getattr(self, "_previous_sigterm", None) is not None:
