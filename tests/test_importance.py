@@ -3,7 +3,8 @@
 import torch
 
 from tlq_vllm.calibrate.data import ROLE_ANSWER, ROLE_PROMPT, ROLE_VISION
-from tlq_vllm.calibrate.importance import modality_average, select_tokens
+from tlq_vllm.calibrate.importance import modality_average
+from tlq_vllm.calibrate.tokensets import select_tokens
 
 
 def test_modality_average_replaces_each_token_by_its_modality_mean_over_all_samples():

@@ -269,11 +269,12 @@ def test_predicted_peaks_match_measured_on_cpu(fixture):
     the device: autograd activations, Hessians, GPTQ's copies); the catcher's estimate is an
     upper bound within 1.5x (its text-embedding term is conservative)."""
     from tlq_vllm.calibrate.config import CalibrationConfig
-    from tlq_vllm.calibrate.importance import all_tokens, gradient_importance
+    from tlq_vllm.calibrate.importance import gradient_importance
     from tlq_vllm.calibrate.layerwise import SolverOptions, calibrate_layer
     from tlq_vllm.calibrate.pipeline import RunLog, load_model, prepare_samples, target_linears
     from tlq_vllm.calibrate.schemes import get_scheme
     from tlq_vllm.calibrate.streaming import catch_layer_inputs
+    from tlq_vllm.calibrate.tokensets import all_tokens
 
     torch.manual_seed(0)
     model_dir = build_fixture(fixture)
@@ -297,7 +298,7 @@ def test_predicted_peaks_match_measured_on_cpu(fixture):
                             progress=False)
     with PeakTracker(existing()) as calibrate:
         calibrate_layer(layers[0], adapter.decoder_groups, [c.hidden for c in caught], [c.kwargs for c in caught],
-                        lambda name: all_tokens(roles), get_scheme("W4A16"), SolverOptions(), device="cpu")
+                        {n: all_tokens(roles) for n in names}, get_scheme("W4A16"), SolverOptions(), device="cpu")
 
     p = plan(json.loads((model_dir / "config.json").read_text()), scheme="W4A16", method="tlq",
              num_samples=len(samples), max_seq_len=max(s.num_tokens for s in samples),

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import yaml
 
 from tlq_vllm.calibrate.methods import get_method
+from tlq_vllm.calibrate.schemes import get_scheme
 from tlq_vllm.paths import user_folder
 
 GRANULARITIES = ("linear", "layer")
@@ -69,13 +70,13 @@ class CalibrationConfig:
     collective_timeout: float = 600.0
 
     def validate(self) -> CalibrationConfig:
-        from tlq_vllm.calibrate.schemes import get_scheme
-
+        """This config checked (one ConfigError naming the bad value) and completed: the scheme's
+        canonical name, the method's SmoothQuant strength where none is given. Returns a new config;
+        this one is left as it was."""
         try:
-            get_scheme(self.scheme)
+            scheme = get_scheme(self.scheme)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        self.scheme = self.scheme.upper()
         try:
             method = get_method(self.method)
         except ValueError as err:
@@ -98,17 +99,16 @@ class CalibrationConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        if self.smoothquant_alpha is None:
-            self.smoothquant_alpha = method.smoothquant_alpha
-        if self.smoothquant_alpha is not None:
-            if not get_scheme(self.scheme).quantizes_activations:
+        alpha = method.smoothquant_alpha if self.smoothquant_alpha is None else self.smoothquant_alpha
+        if alpha is not None:
+            if not scheme.quantizes_activations:
                 raise ConfigError(
                     f"SmoothQuant moves activation outliers into weights; it needs an A8 scheme (W8A8, W4A8), "
-                    f"not {self.scheme}"
+                    f"not {scheme.name}"
                 )
-            if not 0 <= self.smoothquant_alpha <= 1:
-                raise ConfigError(f"--smoothquant-alpha must be in [0, 1], got {self.smoothquant_alpha}")
-        return self
+            if not 0 <= alpha <= 1:
+                raise ConfigError(f"--smoothquant-alpha must be in [0, 1], got {alpha}")
+        return replace(self, scheme=scheme.name, smoothquant_alpha=alpha)
 
     def output_dir(self) -> Path:
         if self.output:

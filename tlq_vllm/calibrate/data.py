@@ -29,17 +29,15 @@ import hashlib
 import io
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
+
+from tlq_vllm.records import DataError, jsonl_values, resolve_image
 
 ROLE_PROMPT, ROLE_VISION, ROLE_ANSWER = 0, 1, 2
-
-
-class DataError(ValueError):
-    """Bad calibration data: the message names the record and what is wrong."""
 
 
 IMAGE_FIELDS = ("image", "images")
@@ -204,19 +202,6 @@ def scene_records(split: str, num_samples: int, seed: int) -> list[Record]:
     return records
 
 
-def jsonl_values(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, value) for each non-blank line of a JSONL file, where = "path:line" for error messages."""
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-        yield where, value
-
-
 def jsonl_records(path: Path, *, image_root: Path | None = None, fields: Fields = Fields()) -> list[Record]:
     root = image_root or path.parent
     return [parse_record(raw, root, where, fields) for where, raw in jsonl_values(path)]
@@ -311,18 +296,7 @@ def image_sources(cell: object, root: Path, where: str) -> list[Path | InlineIma
     raise DataError(f"{where}: cannot use {type(cell).__name__} {str(cell)[:60]!r} as an image (a path or image bytes)")
 
 
-def resolve_image(name: str, root: Path, where: str) -> Path:
-    """An image path: absolute as it is, relative against `root` (the data file's directory or
-    --image-root); the file must exist."""
-    path = (root / Path(name).expanduser()).resolve()
-    if not path.is_file():
-        raise DataError(f"{where}: image {name!r} not found ({path})")
-    return path
-
-
 def open_image(source: Path | InlineImage, where: str, max_pixels: int | None):
-    from PIL import Image, UnidentifiedImageError
-
     try:
         image = Image.open(io.BytesIO(source.data) if isinstance(source, InlineImage) else source)
         image.load()

@@ -1,4 +1,5 @@
-"""Token importance from gradients, its integration across depth, and the token-level set.
+"""Token importance from gradients and its integration across depth (the token sets that use it:
+tokensets.py).
 
 Notation (docs/method.md): decoder layer l, sample s, token t, linear output y_t = W x_t, loss L_s
 (cross-entropy over the answer tokens).
@@ -11,40 +12,26 @@ Notation (docs/method.md): decoder layer l, sample s, token t, linear output y_t
   a_{l,t} = ||dL/dh_{l+1,t}||^2 of the residual stream, shared by the layer's linears.
 - `integrate`: normalise by the mean over all calibration tokens, clip at a high percentile,
   blend local and depth-global importance with beta.
-- `select_tokens`: keep the top rho fraction (with per-sample modality floors); weights renormalised
-  to mean 1 over the kept tokens. Stored as indices + weights, never as activation copies.
 """
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tlq_vllm.calibrate.data import ROLE_ANSWER, ROLE_PROMPT, ROLE_VISION
-from tlq_vllm.calibrate.streaming import LayerInputs, layer_forward, on_device, run_layer, to_device
+from tlq_vllm.calibrate.streaming import (
+    LayerInputs,
+    catch_layer_inputs_with_graph,
+    layer_forward,
+    on_device,
+    run_layer,
+    to_device,
+)
 
 # importance[layer][linear name] = one [T] float32 tensor per sample
 Importance = list[dict[str, list[torch.Tensor]]]
-
-
-@dataclass(frozen=True)
-class TokenSet:
-    """The calibration tokens of one linear: per sample, kept token indices and their weights."""
-
-    indices: list[torch.Tensor]  # per sample: [k_s] int64
-    weights: list[torch.Tensor]  # per sample: [k_s] float32, mean 1 over all kept tokens
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(int(i.numel()) for i in self.indices)
-
-    def shard(self, dist) -> TokenSet:
-        """The part chosen over all samples that belongs to this rank's samples (tlq_vllm.calibrate.distributed)."""
-        return TokenSet(dist.shard(self.indices), dist.shard(self.weights))
 
 
 def answer_loss(hidden: torch.Tensor, final_norm, lm_head, roles: torch.Tensor, input_ids: torch.Tensor):
@@ -155,8 +142,6 @@ def vision_gradient_importance(
     gradient. The vision tower is small next to the decoder and is held whole on the device for
     this pass (it is not streamed block by block).
     """
-    from tlq_vllm.calibrate.streaming import catch_layer_inputs_with_graph
-
     importance: Importance = [{name: [] for name in linear_names} for _ in blocks]
     captured: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
@@ -210,35 +195,6 @@ def integrate(importance: Importance, *, beta: float = 0.5, clip_percentile: flo
     return result
 
 
-def select_tokens(
-    scores: list[torch.Tensor], roles: list[torch.Tensor], *, rho: float = 0.5, modality_floor: float = 0.1
-) -> TokenSet:
-    """Keeps the top `rho` fraction of all tokens by score, plus, per sample, at least
-    `modality_floor` of its vision tokens and of its text tokens (the best-scored ones), so no
-    sample or modality vanishes from the Hessian. Weights are the scores renormalised to mean 1."""
-    flat = torch.cat(scores)
-    n_keep = max(1, math.ceil(rho * flat.numel()))
-    threshold = flat.topk(n_keep).values[-1] if rho < 1 else -math.inf
-    indices, weights = [], []
-    for score, role in zip(scores, roles, strict=True):
-        keep = score >= threshold
-        for modality in (role == ROLE_VISION, (role == ROLE_PROMPT) | (role == ROLE_ANSWER)):
-            n_floor = math.ceil(modality_floor * int(modality.sum()))
-            if n_floor:
-                masked = torch.where(modality, score, torch.full_like(score, -math.inf))
-                keep[masked.topk(n_floor).indices] = True
-        idx = keep.nonzero().flatten()
-        indices.append(idx)
-        weights.append(score[idx].float())
-    mean = torch.cat(weights).mean().clamp_min(1e-30)
-    return TokenSet(indices, [w / mean for w in weights])
-
-
-def all_tokens(roles: list[torch.Tensor]) -> TokenSet:
-    """Every token with weight 1: classic GPTQ."""
-    return TokenSet([torch.arange(r.numel()) for r in roles], [torch.ones(r.numel()) for r in roles])
-
-
 def mbq_ratios(raw: Importance, roles: list[torch.Tensor]) -> list[float]:
     """MBQ's modality balance per layer: r_l = mean|g| over vision tokens / mean|g| over answer
     tokens (|g| = the output-gradient norm, averaged over the layer's linears), clamped below by
@@ -251,17 +207,6 @@ def mbq_ratios(raw: Importance, roles: list[torch.Tensor]) -> list[float]:
         ratios.append(float(g[vision].mean() / g[answer].mean().clamp_min(1e-30)) if vision.any() else 1.0)
     floor = float(torch.tensor(ratios).median())
     return [max(r, floor) for r in ratios]
-
-
-def modality_tokens(roles: list[torch.Tensor], vision_weight: float) -> TokenSet:
-    """MBQ's token weights: vision tokens r_l, answer tokens 1, prompt tokens 0 (left out)."""
-    indices, weights = [], []
-    for role in roles:
-        idx = ((role == ROLE_VISION) | (role == ROLE_ANSWER)).nonzero().flatten()
-        w = torch.where(role[idx] == ROLE_VISION, vision_weight, 1.0).float()
-        indices.append(idx)
-        weights.append(w)
-    return TokenSet(indices, weights)
 
 
 def modality_average(importance: Importance, roles: list[torch.Tensor]) -> Importance:

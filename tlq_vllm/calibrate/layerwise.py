@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from tlq_vllm.calibrate.distributed import SINGLE, Dist
 from tlq_vllm.calibrate.gptq import HessianAccumulator, gptq_quantize
-from tlq_vllm.calibrate.importance import TokenSet
 from tlq_vllm.calibrate.quantizer import (
+    DEFAULT_CLIP_RATIOS,
     compute_scales,
     dequantize,
     fake_quantize_activations_per_token,
@@ -28,6 +28,7 @@ from tlq_vllm.calibrate.quantizer import (
 )
 from tlq_vllm.calibrate.schemes import Scheme
 from tlq_vllm.calibrate.streaming import capture_linear_inputs, to_device
+from tlq_vllm.calibrate.tokensets import TokenSet
 
 
 @dataclass
@@ -52,9 +53,6 @@ class SolverOptions:
     # float32 is GPTQ's usual choice. Either way the order of the sum is the sample order
     # (calibrate_layer), so the number of ranks does not change the result.
     hessian_dtype: torch.dtype = torch.float32
-
-
-CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(7))  # 1.0 .. 0.7
 
 
 @contextlib.contextmanager
@@ -88,7 +86,7 @@ def quantize_linear(
     w = weight.detach().float()
     if hessian is None or options.solver == "rtn":
         diag = torch.diagonal(hessian).clamp_min(0) if hessian is not None else None
-        clip = CLIP_RATIOS if options.clip_search else None
+        clip = DEFAULT_CLIP_RATIOS if options.clip_search else None
         scales = compute_scales(w, scheme, clip_ratios=clip, hessian_diag=diag, scale_dtype=scale_dtype)
         q = quantize(w, scales, scheme)
         err = weighted_error(w - dequantize(q, scales, scheme), hessian) if hessian is not None else 0.0
@@ -102,7 +100,7 @@ def quantize_linear(
         block_size=options.block_size,
         damp=options.damp,
         act_order=options.act_order,
-        clip_ratios=CLIP_RATIOS if options.clip_search else None,
+        clip_ratios=DEFAULT_CLIP_RATIOS if options.clip_search else None,
         scale_dtype=scale_dtype,
     )
     error = weighted_error(w - result.weight_hat, hessian)
@@ -117,7 +115,7 @@ def calibrate_layer(
     groups: tuple[tuple[str, ...], ...],
     hiddens: list[torch.Tensor],
     kwargs: list[dict],
-    token_sets: Callable[[str], TokenSet],
+    token_sets: Mapping[str, TokenSet],
     scheme: Scheme,
     options: SolverOptions,
     *,
@@ -129,7 +127,7 @@ def calibrate_layer(
     """Calibrates every linear of `layer` (already on `device`) group by group, in place.
 
     hiddens: the layer's inputs on the quantized path (per sample, CPU); fp_hiddens: on the FP
-    path (needed by the modes "fp" and "asymmetric"). token_sets(name): kept tokens and weights.
+    path (needed by the modes "fp" and "asymmetric"). token_sets[name]: kept tokens and weights.
     mode "exposed": H from the quantized-path inputs x~ (TLQ's default).
     mode "fp" (ablation): H from FP-path inputs x with the layer's FP weights.
     mode "asymmetric": minimise sum_t w_t ||W_hat x~_t - W x_t||^2, i.e. GPTQ on
@@ -193,11 +191,11 @@ def calibrate_layer(
     return results
 
 
-def _kept_tokens(token_sets: Callable[[str], TokenSet], s: int, x: torch.Tensor, x_fp: torch.Tensor | None, device,
+def _kept_tokens(token_sets: Mapping[str, TokenSet], s: int, x: torch.Tensor, x_fp: torch.Tensor | None, device,
                  name: str) -> tuple:
     """Sample s's contribution to linear `name`'s statistics: the kept tokens' inputs [k, in], their
     weights [k] and, for the asymmetric target, their FP-path inputs [k, in]."""
-    tokens = token_sets(name)
+    tokens = token_sets[name]
     idx, w = tokens.indices[s].to(device), tokens.weights[s].to(device)
     return (x[idx], w) if x_fp is None else (x[idx], w, x_fp[idx])
 
@@ -237,12 +235,18 @@ def _fp_weights(layer, originals: dict[str, torch.Tensor], quantized: list[torch
 def rtn_layer(
     layer: torch.nn.Module, names: list[str], scheme: Scheme, options: SolverOptions
 ) -> dict[str, LinearResult]:
-    """Round-to-nearest for every linear of a layer: no data involved."""
+    """Round-to-nearest for every linear of a layer: no data involved.
+
+    The dequantized weight is written into the weight's own memory rather than into a new tensor:
+    a model loaded from safetensors holds its weights in a private memory map of the file, whose
+    pages stay resident once read, so a new tensor per linear would hold the model twice (the
+    read file pages and the new copy) by the end of the run; written in place, each page is
+    copied once (copy-on-write; the file is not modified)."""
     dtype = next(layer.parameters()).dtype
     results = {}
     for name in names:
         linear = layer.get_submodule(name)
         result = quantize_linear(linear.weight, None, scheme, options, dtype)
-        linear.weight.data = dequantize(result.qweight, result.scales, scheme, dtype)
+        linear.weight.data.copy_(dequantize(result.qweight, result.scales, scheme, dtype))
         results[name] = result
     return results

@@ -15,66 +15,33 @@ import resource
 import shlex
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from tlq_vllm import __version__
 from tlq_vllm.calibrate.config import CalibrationConfig, ConfigError
-from tlq_vllm.calibrate.data import DataError, Fields, build_sample, dataset_hash, load_records
-from tlq_vllm.calibrate.distributed import SINGLE, Dist, init_from_env
-from tlq_vllm.calibrate.export import DiskFullError
-from tlq_vllm.calibrate.importance import (
-    all_tokens,
-    gradient_importance,
-    integrate,
-    mbq_ratios,
-    modality_average,
-    modality_means,
-    modality_tokens,
-    select_tokens,
-)
-from tlq_vllm.calibrate.layerwise import (
-    LinearResult,
-    SolverOptions,
-    activation_fake_quant,
-    rtn_layer,
-)
-from tlq_vllm.calibrate.methods import TOKEN, get_method
+from tlq_vllm.calibrate.context import RunContext, RunLog, target_linears
+from tlq_vllm.calibrate.data import DataError, Fields, build_sample, dataset_hash, load_records, open_image
+from tlq_vllm.calibrate.distributed import init_from_env
+from tlq_vllm.calibrate.export import DiskFullError, QuantizedLinear, write_checkpoint
+from tlq_vllm.calibrate.layerwise import LinearResult, rtn_layer
 from tlq_vllm.calibrate.quantizer import dequantize
-from tlq_vllm.calibrate.schemes import Scheme, get_scheme
+from tlq_vllm.calibrate.schemes import Scheme
+from tlq_vllm.calibrate.smoothquant import fold_smoothing, smoothing_scales
 from tlq_vllm.calibrate.stack import block_provenance, calibrate_stack
-from tlq_vllm.calibrate.streaming import catch_layer_inputs, pre_decoder_on_device
+from tlq_vllm.calibrate.streaming import capture_linear_inputs, catch_decoder_inputs, to_device
+from tlq_vllm.calibrate.tokensets import decoder_token_sets
+from tlq_vllm.calibrate.vision import calibrate_vision, catch_through_quantized_vision
 from tlq_vllm.models import ModelAdapter, adapter_for_model_type
+from tlq_vllm.models.builtin import resolve_builtin
 from tlq_vllm.paths import cache_root, python_command
 
 
 class CalibrationError(RuntimeError):
     """A run that cannot go on; the message says why and what to try."""
-
-
-@dataclass
-class RunLog:
-    """Progress lines for people, and the same events as JSON lines for machines (--log-json)."""
-
-    path: str | None
-    events: list[dict] = field(default_factory=list)
-    quiet: bool = False  # ranks other than 0 of a distributed run
-
-    def event(self, kind: str, message: str | None = None, **data) -> None:
-        record = {"event": kind, "time": round(time.time(), 3), **data}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():  # allocator peak so far, for the planner
-            record["device_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        self.events.append(record)
-        if self.quiet:
-            return
-        if message:
-            tqdm.write(message)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,8 +56,6 @@ def resolve_device(name: str) -> torch.device:
 def resolve_model(name: str) -> str:
     """`toyvlm` and `fixture:<name>` are built-in (tlq_vllm.models.builtin); anything else is a
     local dir or a hub id."""
-    from tlq_vllm.models.builtin import resolve_builtin
-
     try:
         return resolve_builtin(name) or name
     except ValueError as err:
@@ -130,10 +95,6 @@ def load_model(model_ref: str, config: CalibrationConfig):
     return model, processor, adapter
 
 
-def target_linears(adapter: ModelAdapter) -> list[str]:
-    return [name for group in adapter.decoder_groups for name in group]
-
-
 def check_shapes(model, adapter: ModelAdapter, scheme: Scheme) -> None:
     """Every target linear's input features must divide into the scheme's groups."""
     for l, layer in enumerate(adapter.layers(model)):
@@ -166,8 +127,6 @@ class PartialRun:
             self.dir.mkdir(parents=True, exist_ok=True)
 
     def finished_layers(self) -> dict[int, dict[str, LinearResult]]:
-        from safetensors.torch import load_file
-
         done = {}
         for meta_path in sorted(self.dir.glob("layer_*.json")):
             l = int(meta_path.stem.split("_")[1])
@@ -182,8 +141,6 @@ class PartialRun:
         return done
 
     def save_layer(self, l: int, results: dict[str, LinearResult]) -> None:
-        from safetensors.torch import save_file
-
         if not self.writer:
             return
         tensors = {}
@@ -242,17 +199,16 @@ def staged_output(out_dir: Path, overwrite: bool):
 
 
 def run(config: CalibrationConfig) -> Path:
-    """Calibrates `config.model` and writes a compressed-tensors checkpoint; returns its path."""
-    config.validate()
+    """Calibrates `config.model` and writes a compressed-tensors checkpoint; returns its path.
+
+    The config stops here: the stages read the run context built from it once."""
+    config = config.validate()
     started = time.time()
-    scheme = get_scheme(config.scheme)
     device = resolve_device(config.device)
     dist = init_from_env(device.type, config.collective_timeout)
     if dist.world > 1 and device.type == "cuda" and device.index is None:  # one GPU per local rank
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if not dist.is_main:
-        config.progress = False
     log = RunLog(config.log_json if dist.is_main else None, quiet=not dist.is_main)
     if config.log_json and dist.is_main:
         Path(config.log_json).unlink(missing_ok=True)
@@ -263,27 +219,19 @@ def run(config: CalibrationConfig) -> Path:
 
     with staged_output(out_dir, config.overwrite) if dist.is_main else contextlib.nullcontext() as staging:
         model, processor, adapter = load_model(model_ref, config)
-        check_shapes(model, adapter, scheme)
-        if config.quantize_vision and adapter.vision_quantization_unsupported:
+        ctx = RunContext.build(config, model, processor, adapter, device, dist, log)
+        check_shapes(model, adapter, ctx.scheme)
+        if ctx.quantize_vision and adapter.vision_quantization_unsupported:
             raise ConfigError(
                 f"--quantize-vision is not supported for {adapter.family}: {adapter.vision_quantization_unsupported}"
             )
-        layers = adapter.layers(model)
-        names = target_linears(adapter)
         log.event(
             "start",
-            f"tlq: {config.method} {scheme.name} on {model_ref} ({len(layers)} decoder layers, device {device})",
-            method=config.method,
-            scheme=scheme.name,
+            f"tlq: {ctx.method.name} {ctx.scheme.name} on {model_ref} ({len(ctx.layers)} decoder layers, "
+            f"device {device})",
+            method=ctx.method.name,
+            scheme=ctx.scheme.name,
             model=model_ref,
-        )
-        options = SolverOptions(
-            solver=get_method(config.method).solver,
-            block_size=config.block_size,
-            damp=config.damp,
-            act_order=config.act_order,
-            clip_search=config.clip_search,
-            hessian_dtype=getattr(torch, config.hessian_dtype),
         )
         partial = PartialRun(config, writer=dist.is_main)
         dist.barrier()  # rank 0 has cleared stale partial results before anyone reads them
@@ -292,21 +240,16 @@ def run(config: CalibrationConfig) -> Path:
             log.event("resume", f"resuming: layers {sorted(finished)} already calibrated", layers=sorted(finished))
 
         records, samples, provenance_extra = [], [], {}
-        results: dict[int, dict[str, LinearResult]] = {}
         vision_results: dict[int, dict[str, LinearResult]] = {}
         try:
-            if not get_method(config.method).needs_data(config.smoothquant_alpha):
-                for l, layer in enumerate(tqdm(layers, desc="rtn", disable=not config.progress)):
-                    results[l] = rtn_layer(layer, names, scheme, options)
-                if config.quantize_vision:
-                    from tlq_vllm.calibrate.vision import calibrate_vision
-
-                    vision_results = calibrate_vision(model, adapter, [], scheme, options, config, device, log, None)
+            if not ctx.needs_data:
+                results = {l: rtn_layer(layer, ctx.linear_names, ctx.scheme, ctx.solver)
+                           for l, layer in enumerate(tqdm(ctx.layers, desc="rtn", disable=not ctx.progress))}
+                if ctx.quantize_vision:
+                    vision_results = calibrate_vision(ctx, [], None)
             else:
                 records, samples = prepare_samples(model, processor, config, log)
-                results, vision_results, provenance_extra = calibrate_model(
-                    model, adapter, samples, scheme, options, config, device, log, partial, finished, dist
-                )
+                results, vision_results, provenance_extra = calibrate_model(ctx, samples, partial, finished)
         except torch.OutOfMemoryError as err:
             raise CalibrationError(
                 f"out of memory on {device} ({str(err).splitlines()[0]}); `--plan` predicts peaks; lower "
@@ -316,8 +259,8 @@ def run(config: CalibrationConfig) -> Path:
         memory = peak_memory(device)
         provenance = {
             "tlq_version": __version__,
-            "method": config.method,
-            "scheme": scheme.name,
+            "method": ctx.method.name,
+            "scheme": ctx.scheme.name,
             "options": config.knobs(),
             "fingerprint": config.fingerprint(),
             "model": model_ref,
@@ -328,14 +271,14 @@ def run(config: CalibrationConfig) -> Path:
                 "num_tokens": sum(s.num_tokens for s in samples),
             },
             "seed": config.seed,
-            "layers": [block_provenance(results[l]) for l in range(len(layers))],
+            "layers": [block_provenance(results[l]) for l in range(len(ctx.layers))],
             **provenance_extra,
             "memory": memory,
             "wall_time_s": round(time.time() - started, 2),
         }
         provenance["ranks"] = dist.world
         if dist.is_main:
-            export(model, adapter, scheme, results, vision_results, model_ref, staging, provenance)
+            export(ctx, results, vision_results, model_ref, staging, provenance)
     dist.barrier()
     if dist.is_main:
         partial.remove()
@@ -373,8 +316,6 @@ def prepare_samples(model, processor, config: CalibrationConfig, log: RunLog):
 
 def greedy_answer(model, processor, record, config: CalibrationConfig, max_new_tokens: int = 32) -> str:
     """The FP model's own greedy answer, the label for records that have none."""
-    from tlq_vllm.calibrate.data import open_image
-
     images = [open_image(p, record.source, config.max_pixels) for p in record.images]
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": record.prompt}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
@@ -385,135 +326,52 @@ def greedy_answer(model, processor, record, config: CalibrationConfig, max_new_t
 
 
 
-def calibrate_model(model, adapter, all_samples, scheme, options, config, device, log, partial, finished,
-                    dist: Dist = SINGLE):
-    """Catch layer-0 inputs, importance (tlq/mbq), then calibrate layer by layer on the exposed path.
+def calibrate_model(ctx: RunContext, all_samples: list, partial: PartialRun,
+                    finished: dict[int, dict[str, LinearResult]]):
+    """The stages after the data: catch layer-0 inputs -> token sets (importance for tlq/mbq) ->
+    the vision tower (--quantize-vision) -> the decoder layers on the exposed path.
 
     With several ranks, this rank catches and pushes only its shard of the samples; importance is
     gathered so that integration and token selection see every token, exactly as one process.
-    """
-    layers = adapter.layers(model)
-    names = target_linears(adapter)
-    samples = dist.shard(all_samples)
-    caught = []
-    with pre_decoder_on_device(model, adapter.decoder_layers, device):
-        for sample in tqdm(samples, desc="catch layer-0 inputs", disable=not config.progress, leave=False):
-            caught.append(catch_layer_inputs(model, layers, {k: v.to(device) for k, v in sample.inputs.items()}))
-    roles = [s.roles for s in all_samples]  # every sample's, for statistics over all tokens
-    local_roles = dist.shard(roles)
-    kwargs = [c.kwargs for c in caught]
-    extra: dict = {}
+    Returns the decoder's and the vision tower's results and the provenance the stages add."""
+    samples = ctx.dist.shard(all_samples)
+    caught = catch_decoder_inputs(ctx.model, ctx.adapter, samples, ctx.device, progress=ctx.progress)
+    weighting = decoder_token_sets(ctx, caught, samples, [s.roles for s in all_samples])
+    extra = dict(weighting.provenance)
 
-    token_sets_for_layer = lambda l: lambda name: uniform  # noqa: E731
-    uniform = all_tokens(local_roles)
-    method = get_method(config.method)
-    if method.needs_gradients:
-        t0 = time.time()
-        raw, losses, decoder_input_grads = gradient_importance(
-            layers,
-            model.get_submodule(adapter.final_norm),
-            model.get_submodule(adapter.lm_head),
-            names,
-            caught,
-            local_roles,
-            [s.inputs["input_ids"][0] for s in samples],
-            device=device,
-            granularity=config.importance_granularity,
-            progress=config.progress,
-        )
-        raw = [{n: dist.gather_samples(per[n], len(all_samples)) for n in names} for per in raw]
-        losses = dist.gather_samples(losses, len(all_samples))
-        extra["importance"] = {
-            "granularity": config.importance_granularity,
-            "mean_answer_loss": sum(losses) / len(losses),
-            "per_layer_raw": modality_means(raw, roles),
-        }
-        if method.token_weights == TOKEN:
-            scores = integrate(raw, beta=config.beta, clip_percentile=config.clip_percentile)
-            if config.modality_level:
-                scores = modality_average(scores, roles)
-            extra["importance"]["per_layer_integrated"] = modality_means(scores, roles)
-            sets = [
-                {
-                    n: select_tokens(scores[l][n], roles, rho=config.rho, modality_floor=config.modality_floor)
-                    for n in names
-                }
-                for l in range(len(layers))
-            ]
-            local_sets = [{n: ts.shard(dist) for n, ts in per.items()} for per in sets]
-            token_sets_for_layer = lambda l: local_sets[l].__getitem__  # noqa: E731
-            kept = sum(sets[0][n].num_tokens for n in names) / len(names)
-            log.event(
-                "importance",
-                f"importance: {time.time() - t0:.1f}s, loss {extra['importance']['mean_answer_loss']:.3f}, "
-                f"token set keeps {kept:.0f}/{sum(r.numel() for r in roles)} tokens per linear",
-                seconds=time.time() - t0,
-            )
-        else:  # MODALITY
-            ratios = mbq_ratios(raw, roles)
-            extra["mbq_vision_weights"] = ratios
-            mbq_sets = [modality_tokens(local_roles, r) for r in ratios]
-            token_sets_for_layer = lambda l: lambda name: mbq_sets[l]  # noqa: E731
-            log.event(
-                "importance", f"mbq: vision/answer weights per layer {[round(r, 3) for r in ratios]}", ratios=ratios
-            )
-
+    fp_caught = caught
     vision_results = {}
-    if config.quantize_vision:
-        from tlq_vllm.calibrate.vision import calibrate_vision, vision_linear_names
-
-        grads = decoder_input_grads if method.token_weights == TOKEN else None
-        vision_results = calibrate_vision(
-            model, adapter, samples, scheme, options, config, device, log, grads, dist, len(all_samples)
-        )
+    if ctx.quantize_vision:
+        vision_results = calibrate_vision(ctx, samples, weighting.decoder_input_grads, len(all_samples))
         extra["vision_layers"] = [block_provenance(vision_results[b]) for b in sorted(vision_results)]
-        vision_linears = [
-            m for b in adapter.vision_layers(model) for m in (b.get_submodule(n) for n in vision_linear_names(adapter))
-        ]
-        fp_caught = caught
-        with (
-            pre_decoder_on_device(model, adapter.decoder_layers, device),
-            activation_fake_quant(vision_linears, scheme),
-        ):  # decoder inputs now come from the quantized tower
-            caught = [
-                catch_layer_inputs(model, layers, {k: v.to(device) for k, v in s.inputs.items()}) for s in samples
-            ]
-        for fp, exposed in zip(fp_caught, caught, strict=True):
-            exposed.kwargs = fp.kwargs
-    hiddens = [c.hidden for c in caught]
-    fp_hiddens = (
-        [c.hidden for c in (fp_caught if config.quantize_vision else caught)]
-        if not config.exposure or config.asymmetric_target
-        else None
-    )
-    mode = "fp" if not config.exposure else ("asymmetric" if config.asymmetric_target else "exposed")
+        caught = catch_through_quantized_vision(ctx, samples, fp_caught)  # what the decoder sees now
+    kwargs = [c.kwargs for c in caught]
+
     def smooth(layer, hiddens, kwargs):
-        smooth_layer(layer, adapter, hiddens, kwargs, config.smoothquant_alpha, device, dist)
+        smooth_layer(ctx, layer, hiddens, kwargs)
 
     results = calibrate_stack(
-        layers, adapter.decoder_groups, hiddens, lambda l: kwargs, token_sets_for_layer, scheme, options,
-        device=device, log=log, label="layer", method=config.method, progress=config.progress, dist=dist,
-        fp_hiddens=fp_hiddens, mode=mode, finished=finished,
-        before_block=smooth if config.smoothquant_alpha is not None else None,
-        apply_finished=lambda layer, done: apply_results(layer, done, scheme), save=partial.save_layer,
+        ctx, ctx.layers, ctx.adapter.decoder_groups, [c.hidden for c in caught], [kwargs] * len(ctx.layers),
+        weighting.sets, label="layer",
+        fp_hiddens=[c.hidden for c in fp_caught] if ctx.mode != "exposed" else None,
+        before_block=smooth if ctx.smoothquant_alpha is not None else None,
+        finished=finished, apply_finished=lambda layer, done: apply_results(layer, done, ctx.scheme),
+        save=partial.save_layer,
     )
     return results, vision_results, extra
 
 
-def smooth_layer(layer, adapter, hiddens, kwargs, alpha: float, device, dist: Dist = SINGLE) -> None:
+def smooth_layer(ctx: RunContext, layer, hiddens, kwargs) -> None:
     """SmoothQuant on this layer's norm -> linear pairs, from the layer's (quantized-path) inputs."""
-    from tlq_vllm.calibrate.smoothquant import fold_smoothing, smoothing_scales
-    from tlq_vllm.calibrate.streaming import capture_linear_inputs, to_device
-
-    for norm_name, group_index in adapter.smooth_pairs:
-        group = adapter.decoder_groups[group_index]
+    for norm_name, group_index in ctx.adapter.smooth_pairs:
+        group = ctx.adapter.decoder_groups[group_index]
         linears = [layer.get_submodule(n) for n in group]
         absmax = None
         for hidden, kw in zip(hiddens, kwargs, strict=True):
-            x = capture_linear_inputs(layer, group, hidden.to(device), to_device(kw, device))  # [T, in]
+            x = capture_linear_inputs(layer, group, hidden.to(ctx.device), to_device(kw, ctx.device))  # [T, in]
             m = x.float().abs().amax(dim=0)
             absmax = m if absmax is None else torch.maximum(absmax, m)
-        s = smoothing_scales(dist.all_reduce_max(absmax), [lin.weight for lin in linears], alpha)
+        s = smoothing_scales(ctx.dist.all_reduce_max(absmax), [lin.weight for lin in linears], ctx.smoothquant_alpha)
         fold_smoothing(layer.get_submodule(norm_name), linears, s)
 
 
@@ -524,9 +382,8 @@ def apply_results(layer, results: dict[str, LinearResult], scheme: Scheme) -> No
         linear.weight.data = dequantize(r.qweight, r.scales, scheme, dtype).to(linear.weight.device)
 
 
-def export(model, adapter, scheme, results, vision_results, model_ref, staging: Path, provenance: dict) -> None:
-    from tlq_vllm.calibrate.export import QuantizedLinear, write_checkpoint
-
+def export(ctx: RunContext, results, vision_results, model_ref, staging: Path, provenance: dict) -> None:
+    adapter = ctx.adapter
     quantized = {
         f"{prefix}.{l}.{name}": QuantizedLinear(r.qweight, r.scales)
         for prefix, per_index in ((adapter.decoder_layers, results), (adapter.vision_blocks, vision_results))
@@ -539,9 +396,9 @@ def export(model, adapter, scheme, results, vision_results, model_ref, staging: 
 
         source_dir = Path(snapshot_download(model_ref, allow_patterns=["*.json", "*.jinja", "*.txt", "*.model"]))
     write_checkpoint(
-        model,
+        ctx.model,
         quantized,
-        scheme,
+        ctx.scheme,
         adapter,
         source_dir=source_dir,
         out_dir=staging,

@@ -5,7 +5,8 @@ in execution order), and then the samples' hidden states are pushed through the 
 
 What differs between the stacks is passed in: per-block keyword arguments, token sets, an optional
 hook before the block is calibrated (SmoothQuant), the FP path (exposure off, asymmetric target)
-and resume. Errors, the log line and the provenance of a block are written here, once.
+and resume; what they share (scheme, solver, device, exposure mode, log) is the run context's.
+Errors, the log line and the provenance of a block are written here, once.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from tlq_vllm.calibrate.distributed import SINGLE, Dist
-from tlq_vllm.calibrate.layerwise import LinearResult, SolverOptions, activation_fake_quant, calibrate_layer
-from tlq_vllm.calibrate.schemes import Scheme
+from tlq_vllm.calibrate.layerwise import LinearResult, activation_fake_quant, calibrate_layer
 from tlq_vllm.calibrate.streaming import on_device, run_layer
+from tlq_vllm.calibrate.tokensets import BlockTokenSets
 
 BlockResults = dict[str, LinearResult]
 
@@ -31,22 +31,15 @@ def block_provenance(results: BlockResults) -> dict:
 
 
 def calibrate_stack(
+    ctx,
     blocks: list[torch.nn.Module],
     groups: tuple[tuple[str, ...], ...],
     hiddens: list[torch.Tensor],
-    kwargs_of: Callable[[int], list[dict]],
-    token_sets_of: Callable[[int], Callable],
-    scheme: Scheme,
-    options: SolverOptions,
+    kwargs: list[list[dict]],
+    token_sets: BlockTokenSets,
     *,
-    device: torch.device,
-    log,
     label: str,
-    method: str,
-    progress: bool = True,
-    dist: Dist = SINGLE,
     fp_hiddens: list[torch.Tensor] | None = None,
-    mode: str = "exposed",
     before_block: Callable[[torch.nn.Module, list[torch.Tensor], list[dict]], None] | None = None,
     finished: dict[int, BlockResults] | None = None,
     apply_finished: Callable[[torch.nn.Module, BlockResults], None] | None = None,
@@ -54,40 +47,42 @@ def calibrate_stack(
 ) -> dict[int, BlockResults]:
     """Calibrates every block of the stack in order; returns each block's results by index.
 
-    kwargs_of(b) and token_sets_of(b) give block b's per-sample keyword arguments and its token sets
-    (linear name -> TokenSet). fp_hiddens, when given, are pushed through the FP blocks beside the
+    kwargs[b] and token_sets[b] are block b's per-sample keyword arguments and its token sets
+    (linear name -> TokenSet), this rank's shard; scheme, solver, device, exposure mode and log come
+    from the run context. fp_hiddens, when given, are pushed through the FP blocks beside the
     quantized path. finished holds blocks calibrated before an interruption (their integers are
     applied with apply_finished instead of solving again); save(b, results) stores a new block's.
     label ("layer", "vision block") names the log events and the progress bar."""
     names = [name for group in groups for name in group]
     finished = finished or {}
+    device, scheme = ctx.device, ctx.scheme
     event, key = label.replace(" ", "-"), label.split()[-1]
     results: dict[int, BlockResults] = {}
-    for b in tqdm(range(len(blocks)), desc=f"calibrate {label}s", disable=not progress):
-        block, kwargs = blocks[b], kwargs_of(b)
+    for b in tqdm(range(len(blocks)), desc=f"calibrate {label}s", disable=not ctx.progress):
+        block, block_kwargs = blocks[b], kwargs[b]
         with on_device(block, device):
             t0 = time.time()
-            next_fp = run_layer(block, fp_hiddens, kwargs, device) if fp_hiddens is not None else None
+            next_fp = run_layer(block, fp_hiddens, block_kwargs, device) if fp_hiddens is not None else None
             if before_block is not None:
-                before_block(block, hiddens, kwargs)
+                before_block(block, hiddens, block_kwargs)
             if b in finished:
                 results[b] = finished[b]
                 apply_finished(block, results[b])
             else:
-                results[b] = calibrate_layer(block, groups, hiddens, kwargs, token_sets_of(b), scheme, options,
-                                             device=device, fp_hiddens=fp_hiddens, mode=mode, dist=dist)
+                results[b] = calibrate_layer(block, groups, hiddens, block_kwargs, token_sets[b], scheme, ctx.solver,
+                                             device=device, fp_hiddens=fp_hiddens, mode=ctx.mode, dist=ctx.dist)
                 if save is not None:
                     save(b, results[b])
                 before = sum(r.error_rtn for r in results[b].values())
                 after = sum(r.error for r in results[b].values())
                 fallbacks = [n for n, r in results[b].items() if r.fallback_rtn]
-                log.event(
+                ctx.log.event(
                     event,
-                    f"{label} {b:3d}: weighted error rtn {before:.4g} -> {method} {after:.4g} "
+                    f"{label} {b:3d}: weighted error rtn {before:.4g} -> {ctx.method.name} {after:.4g} "
                     f"({time.time() - t0:.1f}s)" + (f"; RTN fallback in {fallbacks}" if fallbacks else ""),
                     **{key: b}, error_rtn=before, error=after, seconds=time.time() - t0, fallback=fallbacks,
                 )
             with activation_fake_quant([block.get_submodule(n) for n in names], scheme):
-                hiddens = run_layer(block, hiddens, kwargs, device)
+                hiddens = run_layer(block, hiddens, block_kwargs, device)
             fp_hiddens = next_fp
     return results

@@ -1,11 +1,12 @@
 """Layer streaming: the model never has to fit on the calibration device.
 
-`catch_layer_inputs` runs each sample through everything before the first decoder layer (vision
-tower, projector, embedding merge, M-RoPE position embeddings, attention mask) and records the
-layer-0 hidden states and keyword arguments. Every later stage replays decoder layers one at a
-time from those records: `run_layer` moves one layer to the device, pushes each sample through,
-and brings the outputs back to CPU. This one mechanism serves the importance pass (forward, then
-block-wise backward), the layer-wise calibration and the memory bound.
+The catch stage (`catch_decoder_inputs`, one `catch_layer_inputs` per sample) runs each sample
+through everything before the first decoder layer (vision tower, projector, embedding merge, M-RoPE
+position embeddings, attention mask) and records the layer-0 hidden states and keyword arguments.
+Every later stage replays decoder layers one at a time from those records: `run_layer` moves one
+layer to the device, pushes each sample through, and brings the outputs back to CPU. This one
+mechanism serves the importance pass (forward, then block-wise backward), the layer-wise
+calibration and the memory bound.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 
 class _StopForward(Exception):
@@ -77,6 +79,14 @@ def catch_layer_inputs(model, layers: torch.nn.ModuleList, sample_inputs: dict) 
     kwargs = to_device(kwargs, "cpu")
     kwargs["use_cache"] = False
     return LayerInputs(hidden.detach().to("cpu"), kwargs)
+
+
+def catch_decoder_inputs(model, adapter, samples: list, device, *, progress: bool = False) -> list[LayerInputs]:
+    """The catch stage: every sample's decoder layer-0 inputs (CPU), the model up to layer 0 on `device`."""
+    layers = adapter.layers(model)
+    with pre_decoder_on_device(model, adapter.decoder_layers, device):
+        return [catch_layer_inputs(model, layers, {k: v.to(device) for k, v in sample.inputs.items()})
+                for sample in tqdm(samples, desc="catch layer-0 inputs", disable=not progress, leave=False)]
 
 
 def catch_layer_inputs_with_graph(model, layers: torch.nn.ModuleList, sample_inputs: dict) -> torch.Tensor:

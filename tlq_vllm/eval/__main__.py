@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from tlq_vllm.calibrate.data import DataError
 from tlq_vllm.eval.vqa import VQAItem, load_items, vqa_score
+from tlq_vllm.records import DataError
 
 
 def score(items: list[VQAItem], predictions: list[str]) -> dict:

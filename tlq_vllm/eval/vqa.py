@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlq_vllm.calibrate.data import DataError, jsonl_values, resolve_image
+from tlq_vllm.records import DataError, jsonl_values, resolve_image
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,143 @@
+"""The run context: what every stage of a calibration run reads, built once by `pipeline.run`.
+
+`CalibrationConfig` is the user's words (flags, recipes); it stops at `run()`. The stages (data ->
+catch -> token sets -> layer-wise calibration -> export) read this context instead: the loaded model
+and its adapter, the scheme and method objects, the solver's and the token sets' options, the
+device, the distributed state and the log. A stage never re-derives one of these from the config.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from tlq_vllm.calibrate.config import CalibrationConfig
+from tlq_vllm.calibrate.distributed import Dist
+from tlq_vllm.calibrate.layerwise import SolverOptions
+from tlq_vllm.calibrate.methods import Method, get_method
+from tlq_vllm.calibrate.schemes import Scheme, get_scheme
+from tlq_vllm.models import ModelAdapter
+
+
+@dataclass
+class RunLog:
+    """Progress lines for people, and the same events as JSON lines for machines (--log-json)."""
+
+    path: str | None
+    events: list[dict] = field(default_factory=list)
+    quiet: bool = False  # ranks other than 0 of a distributed run
+
+    def event(self, kind: str, message: str | None = None, **data) -> None:
+        record = {"event": kind, "time": round(time.time(), 3), **data}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # allocator peak so far, for the planner
+            record["device_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        self.events.append(record)
+        if self.quiet:
+            return
+        if message:
+            tqdm.write(message)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+@dataclass(frozen=True)
+class TokenOptions:
+    """How importance becomes token sets (docs/method.md): TLQ's knobs."""
+
+    granularity: str  # "linear": each linear's output gradient; "layer": the residual stream's
+    beta: float  # blend of local and depth-global importance
+    clip_percentile: float  # importance clipped at this percentile of all tokens
+    rho: float  # share of tokens kept by score
+    modality_floor: float  # share of each sample's vision and text tokens always kept
+    modality_level: bool  # ablation: every token of a modality gets the modality's mean score
+
+
+def solver_options(config: CalibrationConfig, method: Method) -> SolverOptions:
+    return SolverOptions(
+        solver=method.solver,
+        block_size=config.block_size,
+        damp=config.damp,
+        act_order=config.act_order,
+        clip_search=config.clip_search,
+        hessian_dtype=getattr(torch, config.hessian_dtype),
+    )
+
+
+def token_options(config: CalibrationConfig) -> TokenOptions:
+    return TokenOptions(
+        granularity=config.importance_granularity,
+        beta=config.beta,
+        clip_percentile=config.clip_percentile,
+        rho=config.rho,
+        modality_floor=config.modality_floor,
+        modality_level=config.modality_level,
+    )
+
+
+def exposure_mode(config: CalibrationConfig) -> str:
+    """layerwise.MODES: where each group's statistics come from (docs/method.md, exposure)."""
+    if not config.exposure:
+        return "fp"
+    return "asymmetric" if config.asymmetric_target else "exposed"
+
+
+def target_linears(adapter: ModelAdapter) -> list[str]:
+    """The decoder linears quantized in every layer, in execution order."""
+    return [name for group in adapter.decoder_groups for name in group]
+
+
+@dataclass
+class RunContext:
+    model: torch.nn.Module
+    processor: object
+    adapter: ModelAdapter
+    scheme: Scheme
+    method: Method
+    solver: SolverOptions
+    tokens: TokenOptions
+    mode: str  # layerwise.MODES
+    smoothquant_alpha: float | None  # SmoothQuant before each layer's calibration (None: off)
+    quantize_vision: bool
+    device: torch.device
+    dist: Dist
+    log: RunLog
+    progress: bool
+
+    @classmethod
+    def build(cls, config: CalibrationConfig, model, processor, adapter: ModelAdapter, device: torch.device,
+              dist: Dist, log: RunLog) -> RunContext:
+        """config must be validated (CalibrationConfig.validate)."""
+        method = get_method(config.method)
+        return cls(
+            model=model,
+            processor=processor,
+            adapter=adapter,
+            scheme=get_scheme(config.scheme),
+            method=method,
+            solver=solver_options(config, method),
+            tokens=token_options(config),
+            mode=exposure_mode(config),
+            smoothquant_alpha=config.smoothquant_alpha,
+            quantize_vision=config.quantize_vision,
+            device=device,
+            dist=dist,
+            log=log,
+            progress=config.progress and dist.is_main,
+        )
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.adapter.layers(self.model)
+
+    @property
+    def linear_names(self) -> list[str]:
+        return target_linears(self.adapter)
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method.needs_data(self.smoothquant_alpha)
