@@ -14,8 +14,16 @@ max|y - y_ref| / max|y_ref|:
   fp32 1e-5: exact products, fp32 accumulation; seen 6.3e-7.
 (Seen on an AMD EPYC with AVX-512: the same errors under its AVX-512, AVX2 and default kernels.)
 A wrong nibble order, offset (q + 7 for q + 8) or group index gives errors of 0.2 and more.
+
+Both sides of int4pack_linear's M dispatch run every int4 case (forced with dequantize_from_m): the int4
+kernel, and dequantize-per-call (torch's blocked layout read back in Python, int4pack_dequantize) + F.linear,
+on the whole weight and in tiles of one layout block of rows,
+which rounds W_hat to bf16 exactly as dequantize-once does, so the same tolerances hold (seen <= 4.5e-3
+bf16, 4.8e-4 fp16, 4.1e-7 fp32). The dequantized weight itself must equal q * s rounded to the dtype bit
+for bit, and equal what the kernel multiplies (read back through x = I), zeros included.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -25,7 +33,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tlq_vllm.kernels import cpu_wna16
 from tlq_vllm.kernels.cpu_wna16 import (
+    INT4_DEQUANTIZE_MIN_M,
+    int4pack_dequantize,
+    int4pack_layout,
+    int4pack_layout_ok,
     int4pack_linear,
     int4pack_unsupported,
     int8pack_linear,
@@ -78,35 +91,150 @@ def _reference(q, scales, x):
     return x.double() @ w_hat.view(n, k).T  # [M, N]
 
 
-def _kernel_output(case, q, scales, x, bias=None):
+# the sides of int4pack_linear's M dispatch, forced: the int4 kernel at every M, or dequantize + F.linear on the
+# whole weight, or in tiles of one layout block of rows (the cases' weights are smaller than one default tile)
+INT4_PATHS = {"kernel": 1 << 30, "dequantize": 0, "dequantize-tiled": 0}
+
+
+@contextlib.contextmanager
+def _one_block_tiles(in_features: int):
+    saved = cpu_wna16.DEQUANTIZE_TILE_BYTES
+    cpu_wna16.DEQUANTIZE_TILE_BYTES = 3 * in_features * (int4pack_layout() or (64, True))[0]
+    try:
+        yield
+    finally:
+        cpu_wna16.DEQUANTIZE_TILE_BYTES = saved
+
+
+def _kernel_output(case, q, scales, x, bias=None, int4_path="kernel"):
     bits, n, k, g, m, dtype = case
     if bits == 8:
         weight, channel_scales = pack_int8(q, scales, dtype)
         return int8pack_linear(x, weight, channel_scales, bias)
     packed, scales_and_zeros, kernel_group = pack_int4(q, scales, k if g is None else g, dtype)
-    return int4pack_linear(x, packed, scales_and_zeros, kernel_group, bias)
+    tiles = _one_block_tiles(k) if int4_path == "dequantize-tiled" else contextlib.nullcontext()
+    with tiles:
+        return int4pack_linear(x, packed, scales_and_zeros, kernel_group, bias,
+                               dequantize_from_m=INT4_PATHS[int4_path])
+
+
+def _paths(case) -> list[str]:
+    return list(INT4_PATHS) if case[0] <= 4 else ["kernel"]
+
+
+def _rel_err(y, ref) -> float:
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
 
 
 def worst_errors() -> dict[str, float]:
-    """max|y - y_ref| / max|y_ref| of every case in this process (also what the subprocesses report)."""
-    errors = {}
+    """max|y - y_ref| / max|y_ref| of every case and int4 path in this process (also what the subprocesses
+    report); plus "dequantized-exact": whether int4pack_dequantize gave q * s bit for bit in every int4 case."""
+    errors, exact = {}, True
     for i, case in enumerate(CASES):
         q, scales, x = _operands(case, seed=i)
-        y = _kernel_output(case, q, scales, x)
         ref = _reference(q, scales, x)
-        assert y.dtype == case[-1] and y.shape == ref.shape
-        errors[_case_id(case)] = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+        for path in _paths(case):
+            y = _kernel_output(case, q, scales, x, int4_path=path)
+            assert y.dtype == case[-1] and y.shape == ref.shape
+            errors[f"{_case_id(case)}-{path}"] = _rel_err(y, ref)
+        if case[0] <= 4:
+            exact &= torch.equal(_dequantized(case, q, scales), _w_hat(q, scales).to(case[-1]))
+    errors["dequantized-exact"] = float(exact and int4pack_layout_ok())
     return errors
 
 
+def _w_hat(q, scales):
+    """q * s in float64 [N, K]: exact, and rounded once by .to(dtype)."""
+    n, k = q.shape
+    return (q.double().view(n, scales.shape[1], -1) * scales.double().unsqueeze(-1)).view(n, k)
+
+
+def _dequantized(case, q, scales):
+    bits, n, k, g, m, dtype = case
+    packed, scales_and_zeros, kernel_group = pack_int4(q, scales, k if g is None else g, dtype)
+    return int4pack_dequantize(packed, scales_and_zeros, kernel_group).T  # [N, K]
+
+
+@pytest.mark.parametrize("int4_path", list(INT4_PATHS))
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_kernel_matches_float_dequantize_reference(case):
+def test_kernel_matches_float_dequantize_reference(case, int4_path):
+    if int4_path not in _paths(case):
+        pytest.skip("int8 weights have one kernel")
     q, scales, x = _operands(case, seed=CASES.index(case))
     ref = _reference(q, scales, x)
-    y = _kernel_output(case, q, scales, x)
+    y = _kernel_output(case, q, scales, x, int4_path=int4_path)
     assert y.dtype == case[-1]
-    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
-    assert err <= TOLERANCE[case[-1]], f"{_case_id(case)} on {torch.backends.cpu.get_cpu_capability()}: {err:.2e}"
+    err = _rel_err(y, ref)
+    assert err <= TOLERANCE[case[-1]], (f"{_case_id(case)} {int4_path} on {torch.backends.cpu.get_cpu_capability()}: "
+                                        f"{err:.2e}")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] <= 4], ids=_case_id)
+def test_dequantized_weight_is_q_times_s_rounded_once(case):
+    """Every nibble read from torch's blocked layout lands on its (row, column): the weight equals q * s rounded
+    to the dtype, bit for bit (N = 96, 64, 48, 32: full blocks and short last blocks)."""
+    q, scales, _ = _operands(case, seed=CASES.index(case))
+    assert torch.equal(_dequantized(case, q, scales), _w_hat(q, scales).to(case[-1]))
+
+
+def test_tiles_give_the_untiled_result():
+    """N = 176 in tiles of one block (64, 64, 48 rows under AVX-512: the last tile holds the short block) gives the
+    bits of the whole weight's GEMM."""
+    case = (4, 176, 256, 128, 130, torch.bfloat16)
+    q, scales, x = _operands(case, seed=5)
+    whole = _kernel_output(case, q, scales, x, int4_path="dequantize")
+    assert torch.equal(_kernel_output(case, q, scales, x, int4_path="dequantize-tiled"), whole)
+    assert _rel_err(whole, _reference(q, scales, x)) <= TOLERANCE[torch.bfloat16]
+
+
+def test_dequantized_weight_is_what_the_kernel_multiplies():
+    """x = I through the int4 kernel returns the kernel's own W_hat^T = (u - 8) * scale + zero (one bf16 rounding);
+    int4pack_dequantize must give the same bits, with nonzero zeros and N = 176 (blocks of 64 and of 32, 48)."""
+    n, k, g = 176, 256, 64
+    gen = torch.Generator().manual_seed(11)
+    u = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+    scales_and_zeros = torch.stack([torch.rand(k // g, n, generator=gen) * 0.1 + 0.01,
+                                    torch.randn(k // g, n, generator=gen) * 0.05], dim=-1).to(torch.bfloat16)
+    through_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(k, dtype=torch.bfloat16), packed, g,
+                                                                scales_and_zeros)  # [K, N]
+    assert torch.equal(int4pack_dequantize(packed, scales_and_zeros, g), through_kernel)
+
+
+def test_layout_is_known_for_the_capabilities_torch_has_on_x86():
+    assert int4pack_layout("AVX512") == (64, True)
+    assert int4pack_layout("AVX2") == (32, True)
+    assert int4pack_layout("DEFAULT") == (32, False)
+    assert int4pack_layout("SVE256") is None  # not described: int4pack_linear runs the int4 kernel at every M
+    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2", "DEFAULT"):
+        assert int4pack_layout_ok()
+
+
+def test_dispatch_follows_m_at_run_time_also_in_a_compiled_graph():
+    """One dynamo graph with a dynamic M (as vLLM compiles the model) runs the int4 kernel for a decode-sized
+    M and dequantize + GEMM from INT4_DEQUANTIZE_MIN_M rows: the branch is taken per call, not at trace time."""
+    from torch._dynamo.testing import CompileCounter
+
+    case = (4, 96, 384, 128, 1, torch.bfloat16)
+    q, scales, _ = _operands(case, seed=3)
+    packed, scales_and_zeros, group = pack_int4(q, scales, 128, torch.bfloat16)
+    counter = CompileCounter()
+    compiled = torch.compile(lambda x: int4pack_linear(x, packed, scales_and_zeros, group), backend=counter,
+                             dynamic=True, fullgraph=True)
+    seen = {}
+    for m in (3, 5, INT4_DEQUANTIZE_MIN_M, INT4_DEQUANTIZE_MIN_M + 3):
+        x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        # without duck sizing, M = 3 is not tied to the 3 groups of scales_and_zeros (which would recompile)
+        with (torch.fx.experimental._config.patch(use_duck_shape=False),
+              torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof):
+            y = compiled(x)
+        ops = {e.key for e in prof.key_averages()}
+        seen[m] = ("kernel" if "aten::_weight_int4pack_mm_for_cpu" in ops else "") + (
+            "dequantize" if "aten::addcmul" in ops else "")
+        assert _rel_err(y, _reference(q, scales, x)) <= TOLERANCE[torch.bfloat16]
+    assert counter.frame_count == 1, "the M dispatch must not recompile or specialize the graph"
+    expected = "dequantize" if int4pack_layout_ok() else "kernel"
+    assert seen == {3: "kernel", 5: "kernel", INT4_DEQUANTIZE_MIN_M: expected, INT4_DEQUANTIZE_MIN_M + 3: expected}
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -172,5 +300,7 @@ def test_kernel_matches_reference_on_other_cpu_capabilities(capability):
     dispatched, errors = json.loads(done.stdout.strip().splitlines()[-1])
     assert dispatched == capability.upper()
     for case in CASES:
-        name = _case_id(case)
-        assert errors[name] <= TOLERANCE[case[-1]], f"{name} on {capability}: {errors[name]:.2e}"
+        for path in _paths(case):
+            name = f"{_case_id(case)}-{path}"
+            assert errors[name] <= TOLERANCE[case[-1]], f"{name} on {capability}: {errors[name]:.2e}"
+    assert errors["dequantized-exact"] == 1.0, f"int4pack_dequantize misreads the {capability} layout"

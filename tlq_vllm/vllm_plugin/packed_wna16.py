@@ -14,7 +14,9 @@ the checkpoint's words are repacked for it only in `process_weights_after_loadin
                 3- and 4-bit integers rewritten as compressed-tensors' 4-bit words (uint4b8), which
                 that kernel blocks as it does for stock W4A16 checkpoints;
     torch-int4  torch's `_weight_int4pack_mm_for_cpu` (AVX-512, AVX2 and a default kernel): 3- and
-                4-bit integers on the int4 grid, tlq_vllm.kernels.cpu_wna16;
+                4-bit integers on the int4 grid, tlq_vllm.kernels.cpu_wna16; from
+                `cpu_wna16.INT4_DEQUANTIZE_MIN_M` rows (prefill) each call dequantizes the packed weight
+                for itself and runs a bf16 GEMM (the int4 kernel is fp32-FMA bound there), chosen per call;
     torch-int8  torch's `_weight_int8pack_mm`: 8-bit integers with one scale per output channel (it
                 has no groups, so the group-128 W8A16 preset does not qualify);
     dequantize  the last resort: dequantize once after loading into a weight cache in the model
@@ -156,7 +158,8 @@ class TLQPackedWNA16Scheme(CompressedTensorsScheme):
             None: "a kernel chosen per layer at load",
             "triton": "TLQ Triton W3A16 kernel",
             "vllm": f"vLLM CPUWNA16LinearKernel{repacked}",
-            "torch-int4": f"torch _weight_int4pack_mm_for_cpu{repacked}",
+            "torch-int4": f"torch _weight_int4pack_mm_for_cpu{repacked} below "
+                          f"{cpu_wna16.INT4_DEQUANTIZE_MIN_M} rows, from there dequantized per call + bf16 GEMM",
             "torch-int8": "torch _weight_int8pack_mm (per-channel int8)",
             "dequantize": f"TLQ dequantize-once W{self.num_bits}A16 (CPU): bf16 weights, plain GEMM",
         }[self.kernel]
