@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tlq_vllm.calibrate.planner import load_config, model_dims
+from tlq_vllm.calibrate.planner import load_config
+from tlq_vllm.calibrate.planner.dims import model_dims
 
 MODELS = ("qwen2-vl-7b", "llava-onevision-7b")
 # vLLM's fused decoder linears and the Hugging Face modules each one stacks along N.

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from benchmarks import common
 from benchmarks.common import markdown_table
-from benchmarks.rtx3090_model import RTX3090, SCHEMES, Assumptions, Card, project_model
+from benchmarks.rtx3090_model import RTX3090, SCHEMES, Card, ServingAssumptions, project_model
 from benchmarks.rtx3090_report import (
     HEADLINE_HEADER,
     MEMORY_HEADER,
@@ -77,7 +77,7 @@ def compare(projection: dict, measurements: list[dict]) -> list[dict]:
     return ratios
 
 
-def run(a: Assumptions, models: list[str] | None = None, card: Card = RTX3090,
+def run(a: ServingAssumptions, models: list[str] | None = None, card: Card = RTX3090,
         measured: Path = MEASURED_FILE) -> dict:
     models = models or snapshot_names()
     projection = {
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, default=None, help="default: the serve presets' value")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    a = Assumptions.from_presets(context=args.context, image_tokens=args.image_tokens,
+    a = ServingAssumptions.from_presets(context=args.context, image_tokens=args.image_tokens,
                                  gpu_memory_utilization=args.gpu_memory_utilization)
     p = run(a, args.models)
     args.out_dir.mkdir(parents=True, exist_ok=True)

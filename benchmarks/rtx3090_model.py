@@ -1,7 +1,7 @@
 """The RTX 3090 serving model: the card, the schemes as vLLM serves them on sm86, the assumptions, and the
-memory and roofline equations below. Pure arithmetic on config.json snapshots (counted by
-tlq_vllm.calibrate.planner); benchmarks/rtx3090.py runs it over the models, benchmarks/rtx3090_report.py
-renders it.
+memory and roofline equations below. Pure arithmetic on config.json snapshots (dimensions and
+parameter counts from tlq_vllm.calibrate.planner.dims, which reads them where the model adapters say);
+benchmarks/rtx3090.py runs it over the models, benchmarks/rtx3090_report.py renders it.
 
 Memory, per card (vLLM 0.32 `Worker.determine_available_memory`: the KV cache gets
 gpu_memory_utilization x the CUDA-reported total, minus what the weights, non-torch allocations
@@ -44,7 +44,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from tlq_vllm.calibrate.planner import GiB, ModelDims, load_config, model_dims
+from tlq_vllm.calibrate.planner import GiB, load_config
+from tlq_vllm.calibrate.planner.dims import ModelDims, model_dims
 
 CARD_COUNTS = (1, 2, 4)
 
@@ -155,7 +156,10 @@ def _preset_args(cards: int) -> dict:
 
 
 @dataclass(frozen=True)
-class Assumptions:
+class ServingAssumptions:
+    """What the projection assumes about vLLM serving on these cards (memory layout, presets, kernel
+    efficiencies, NCCL); not the calibration memory planner's Assumptions (planner/memory.py)."""
+
     gpu_memory_utilization: float = 0.92  # tlq_vllm.serve presets (vLLM's own default is 0.9)
     non_torch_gib: float = 0.25  # cuBLAS workspaces and other allocations outside torch, after start-up
     nccl_gib: float = 0.25  # NCCL buffers per rank when TP > 1
@@ -174,7 +178,7 @@ class Assumptions:
     batches: tuple[int, ...] = (1, 8, 32)
 
     @classmethod
-    def from_presets(cls, **overrides) -> Assumptions:
+    def from_presets(cls, **overrides) -> ServingAssumptions:
         a = cls()
         seqs, lens, util = dict(a.max_num_seqs), dict(a.max_model_len), a.gpu_memory_utilization
         for n in CARD_COUNTS:
@@ -300,7 +304,7 @@ def kv_bytes_per_token(d: ModelDims, tp: int) -> int:
 # Memory fit
 
 
-def memory_fit(d: ModelDims, scheme: ServedScheme, tp: int, a: Assumptions, card: Card = RTX3090) -> dict:
+def memory_fit(d: ModelDims, scheme: ServedScheme, tp: int, a: ServingAssumptions, card: Card = RTX3090) -> dict:
     w = weight_bytes(d, scheme)
     budget = a.gpu_memory_utilization * card.memory_bytes
     per_card = w["total"] / tp
@@ -348,7 +352,7 @@ def _roof(bytes_: float, bandwidth: float, flops: float, peak: float) -> tuple[f
     return (t_mem, "memory") if t_mem >= t_compute else (t_compute, "compute")
 
 
-def _allreduce(nbytes: float, tp: int, a: Assumptions) -> float:
+def _allreduce(nbytes: float, tp: int, a: ServingAssumptions) -> float:
     if tp == 1:
         return 0.0
     return a.allreduce_latency_s + 2 * (tp - 1) / tp * nbytes / a.allreduce_bandwidth
@@ -358,7 +362,7 @@ def _path_peak(scheme: ServedScheme, card: Card) -> float:
     return card.int8_tensor_ops if scheme.compute == "int8" else card.fp16_tensor_flops
 
 
-def decode_step(d: ModelDims, scheme: ServedScheme, tp: int, batch: int, a: Assumptions,
+def decode_step(d: ModelDims, scheme: ServedScheme, tp: int, batch: int, a: ServingAssumptions,
                 card: Card = RTX3090) -> dict:
     """One decode step for `batch` sequences of `a.context` tokens each, per card."""
     w = weight_bytes(d, scheme)
@@ -381,11 +385,7 @@ def decode_step(d: ModelDims, scheme: ServedScheme, tp: int, batch: int, a: Assu
     }
 
 
-def _vision_patches(d: ModelDims, image_tokens: int) -> int:
-    return image_tokens * d.vision.merge**2
-
-
-def prefill(d: ModelDims, scheme: ServedScheme, tp: int, a: Assumptions, card: Card = RTX3090) -> dict:
+def prefill(d: ModelDims, scheme: ServedScheme, tp: int, a: ServingAssumptions, card: Card = RTX3090) -> dict:
     """The reference request (a.context tokens, one image of a.image_tokens): decoder prefill and vision tower."""
     w = weight_bytes(d, scheme)
     bw, fp16 = card.bandwidth * a.bandwidth_efficiency, card.fp16_tensor_flops * a.compute_efficiency
@@ -400,7 +400,7 @@ def prefill(d: ModelDims, scheme: ServedScheme, tp: int, a: Assumptions, card: C
     t_comm = 2 * d.layers * (_allreduce(C * d.hidden * 2, tp, a) + (chunks - 1) * a.allreduce_latency_s * (tp > 1))
     t_llm = t_lin + t_attn + t_lm + t_comm
     v = d.vision
-    n = _vision_patches(d, a.image_tokens)
+    n = d.vision.patches(a.image_tokens)
     t_vis, _ = _roof(w["vision"] / tp, bw, (2 * d.vision_params * n + 4 * n * n * v.width * v.depth) / tp, fp16)
     t_vis += 2 * v.depth * _allreduce(n * v.width * 2, tp, a)
     return {
@@ -415,7 +415,7 @@ def prefill(d: ModelDims, scheme: ServedScheme, tp: int, a: Assumptions, card: C
 # Whole projection
 
 
-def project_model(name: str, a: Assumptions, card: Card = RTX3090, cards: tuple[int, ...] = CARD_COUNTS) -> dict:
+def project_model(name: str, a: ServingAssumptions, card: Card = RTX3090, cards: tuple[int, ...] = CARD_COUNTS) -> dict:
     config, _ = load_config(name)
     d = model_dims(config, name)
     out = {"dims": {k: v for k, v in asdict(d).items() if k != "vision"}, "params": d.param_counts(), "schemes": {}}

@@ -30,7 +30,8 @@ def test_config_cli_and_planner_read_the_registry():
     assert CalibrationConfig(method="gptq", scheme="W8A8").validate().smoothquant_alpha is None
     with pytest.raises(ConfigError, match="unknown method 'awq'"):
         CalibrationConfig(method="awq").validate()
-    gradients = {name: "importance backward" in {s.stage for s in plan_from_path("qwen2-vl-2b", method=name).stages
+    gradients = {name: "importance backward" in {s.stage for s in plan_from_path("qwen2-vl-2b",
+                                                                               CalibrationConfig(method=name)).stages
                                                  if not s.skipped}
                  for name in METHOD_NAMES}
     assert gradients == {name: m.needs_gradients for name, m in METHODS.items()}

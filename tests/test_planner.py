@@ -1,4 +1,4 @@
-"""The memory planner (tlq_vllm/calibrate/planner.py): config snapshots, parameter counts against
+"""The memory planner (tlq_vllm/calibrate/planner/): config snapshots, parameter counts against
 transformers, monotonicity, the 72B verdict on 24 GB cards, suggestions, and predicted against
 measured peaks on CPU for a fixture (an allocation tracker stands in for CUDA's allocator stats)."""
 
@@ -11,9 +11,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from tlq_vllm.calibrate.config import CalibrationConfig
+from tlq_vllm.calibrate.methods import METHOD_NAMES
 from tlq_vllm.calibrate.planner import (
     LEAN,
-    METHODS,
     SNAPSHOT_DIR,
     STAGES,
     Assumptions,
@@ -43,7 +44,7 @@ PUBLIC_SIZES = {
     "llava-onevision-7b": 8.03e9,
     "llava-onevision-72b": 73.2e9,
 }
-RUN = dict(scheme="W4A16", method="tlq", num_samples=128, max_seq_len=2048)
+RUN = CalibrationConfig(scheme="W4A16", method="tlq", num_samples=128, max_seq_len=2048)
 
 
 def test_the_nine_snapshots_ship():
@@ -56,17 +57,18 @@ def test_every_snapshot_plans(name):
     predicted = model_dims(load_config(name)[0]).total_params
     assert abs(predicted - PUBLIC_SIZES[name]) / PUBLIC_SIZES[name] < 0.01
     for scheme in SCHEMES:
-        for method in METHODS:
-            p = plan_from_path(name, scheme=scheme, method=method, num_samples=64, max_seq_len=1024,
+        for method in METHOD_NAMES:
+            p = plan_from_path(name, CalibrationConfig(scheme=scheme, method=method, num_samples=64, max_seq_len=1024),
                                device_mem_bytes=24 * GiB, host_mem_bytes=256 * GiB)
             assert [s.stage for s in p.stages] == list(STAGES)
             assert p.peak_host_bytes > p.dims.total_params * 2
             text = format_plan(p, verbose=True)
             assert all(stage in text for stage in STAGES)
-    variants = [dict(importance_granularity="layer"), dict(asymmetric_target=True), dict(exposure=False),
-                dict(nproc=4), dict(nproc=3, ranks_per_node=1), dict(device="cpu"), dict(assumptions=LEAN)]
-    for extra in variants:
-        assert plan_from_path(name, **{**RUN, **extra}).peak_host_bytes > 0
+    variants = [(replace(RUN, importance_granularity="layer"), {}), (replace(RUN, asymmetric_target=True), {}),
+                (replace(RUN, exposure=False), {}), (RUN, dict(nproc=4)), (RUN, dict(nproc=3, ranks_per_node=1)),
+                (RUN, dict(device="cpu")), (RUN, dict(assumptions=LEAN))]
+    for config, machine in variants:
+        assert plan_from_path(name, config, **machine).peak_host_bytes > 0
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC_SIZES))
@@ -92,7 +94,7 @@ def test_fixture_plans_and_its_parameter_count_matches(fixture):
     from transformers import AutoModelForImageTextToText
 
     model_dir = build_fixture(fixture)
-    p = plan_from_path(model_dir, scheme="W4A16", method="tlq", num_samples=8, max_seq_len=256,
+    p = plan_from_path(model_dir, CalibrationConfig(scheme="W4A16", method="tlq", num_samples=8, max_seq_len=256),
                        device_mem_bytes=24 * GiB, host_mem_bytes=16 * GiB)
     assert p.fits
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
@@ -100,19 +102,19 @@ def test_fixture_plans_and_its_parameter_count_matches(fixture):
     assert abs(p.dims.total_params - real) / real < 0.02  # in fact equal
 
 
-def _peaks(name="qwen2-vl-7b", **kwargs):
-    p = plan_from_path(name, **{**RUN, "device_mem_bytes": 24 * GiB, **kwargs})
+def _peaks(name="qwen2-vl-7b", config=RUN, **machine):
+    p = plan_from_path(name, config, **{"device_mem_bytes": 24 * GiB, **machine})
     return p.peak_device_bytes, p.peak_host_bytes, p
 
 
 def test_more_samples_more_host_memory_same_device_memory():
-    device, host = zip(*[_peaks(num_samples=n)[:2] for n in (16, 32, 64, 128)], strict=True)
+    device, host = zip(*[_peaks(config=replace(RUN, num_samples=n))[:2] for n in (16, 32, 64, 128)], strict=True)
     assert list(host) == sorted(host) and len(set(host)) == 4
     assert len(set(device)) == 1  # samples go one at a time: the device never holds more than one
 
 
 def test_longer_sequences_more_memory():
-    device, host = zip(*[_peaks(max_seq_len=n)[:2] for n in (256, 512, 1024, 2048)], strict=True)
+    device, host = zip(*[_peaks(config=replace(RUN, max_seq_len=n))[:2] for n in (256, 512, 1024, 2048)], strict=True)
     assert list(device) == sorted(device) and len(set(device)) == 4
     assert list(host) == sorted(host) and len(set(host)) == 4
 
@@ -121,7 +123,7 @@ def test_more_layers_more_host_memory():
     config = load_config("qwen2-vl-7b")[0]
     hosts = []
     for layers in (8, 16, 28, 40):
-        p = plan({**config, "num_hidden_layers": layers}, **RUN)
+        p = plan({**config, "num_hidden_layers": layers}, RUN)
         hosts.append(p.peak_host_bytes)
         assert p.peak_device_bytes == _peaks()[0]  # one layer at a time: depth does not reach the device
     assert hosts == sorted(hosts) and len(set(hosts)) == 4
@@ -147,7 +149,7 @@ def test_72b_fits_a_24gb_card_and_the_down_proj_solve_is_the_peak():
     matrices (gptq._inverse_cholesky_upper) the calibrate-layer stage needs ~21 GiB on one card,
     whatever the samples, sequence length or ranks: it fits 24 GiB, with little room. With float64
     Hessians (--hessian-dtype float64, bit-exact distributed runs) it does not."""
-    p = plan_from_path("qwen2-vl-72b", **RUN, device_mem_bytes=24 * GiB)
+    p = plan_from_path("qwen2-vl-72b", RUN, device_mem_bytes=24 * GiB)
     d = p.dims
     assert 1.7e9 < d.layer_params * 2 < 1.8e9
     assert d.intermediate**2 * 4 == pytest.approx(3.5e9, rel=0.01)
@@ -156,35 +158,39 @@ def test_72b_fits_a_24gb_card_and_the_down_proj_solve_is_the_peak():
     assert "mlp.down_proj" in cal.device_binding and cal.device_bytes == p.peak_device_bytes
     assert 18 * GiB < cal.device_bytes < 23 * GiB
     assert _peaks("qwen2-vl-72b", nproc=8)[0] == p.peak_device_bytes  # ranks do not shrink one layer
-    wide = plan_from_path("qwen2-vl-72b", **RUN, device_mem_bytes=24 * GiB,
+    wide = plan_from_path("qwen2-vl-72b", RUN, device_mem_bytes=24 * GiB,
                           assumptions=replace(Assumptions(), hessian_bytes=8, hessian_float32_copy=True))
     assert wide.fits_device is False
+    # --hessian-dtype float64 in the config plans the same
+    assert plan_from_path("qwen2-vl-72b", replace(RUN, hessian_dtype="float64"), device_mem_bytes=24 * GiB).stage(
+        "calibrate layer").device_parts == wide.stage("calibrate layer").device_parts
 
 
 def test_suggestions_fit_when_applied():
-    kwargs = dict(**RUN, device_mem_bytes=24 * GiB, host_mem_bytes=64 * GiB)
-    p = plan_from_path("qwen2-vl-7b", **kwargs)
+    budgets = dict(device_mem_bytes=24 * GiB, host_mem_bytes=64 * GiB)
+    p = plan_from_path("qwen2-vl-7b", RUN, **budgets)
     assert p.fits is False and p.fits_device and p.fits_host is False
     assert p.suggestions
-    names = {"--num-samples": "num_samples", "--max-seq-len": "max_seq_len", "--nproc": "nproc",
+    names = {"--num-samples": "num_samples", "--max-seq-len": "max_seq_len",
              "--importance-granularity": "importance_granularity"}
     for suggestion in p.suggestions:
         assert suggestion.settings
         change = {names[k]: v for k, v in suggestion.settings.items() if k in names}
-        assert plan_from_path("qwen2-vl-7b", **{**kwargs, **change}).fits, suggestion.flags
+        nproc = suggestion.settings.get("--nproc", 1)
+        assert plan_from_path("qwen2-vl-7b", replace(RUN, **change), nproc=nproc, **budgets).fits, suggestion.flags
     shorter = [s for s in p.suggestions if "--max-seq-len" in s.settings]
     assert shorter and shorter[0].settings["--max-pixels"] > 0  # images shrunk to match
 
 
 def test_plan_from_path_accepts_dirs_files_and_snapshot_names(tmp_path):
-    by_name = plan_from_path("qwen2-vl-2b", **RUN)
-    by_file = plan_from_path(SNAPSHOT_DIR / "qwen2-vl-2b.json", **RUN)
+    by_name = plan_from_path("qwen2-vl-2b", RUN)
+    by_file = plan_from_path(SNAPSHOT_DIR / "qwen2-vl-2b.json", RUN)
     (tmp_path / "config.json").write_text((SNAPSHOT_DIR / "qwen2-vl-2b.json").read_text())
-    by_dir = plan_from_path(tmp_path, **RUN)
-    by_config = plan_from_path(tmp_path / "config.json", **RUN)
+    by_dir = plan_from_path(tmp_path, RUN)
+    by_config = plan_from_path(tmp_path / "config.json", RUN)
     assert by_name.peak_host_bytes == by_file.peak_host_bytes == by_dir.peak_host_bytes == by_config.peak_host_bytes
-    assert plan_from_path("Qwen/Qwen2-VL-2B-Instruct", **RUN).peak_host_bytes == by_name.peak_host_bytes
-    assert plan_from_path("fixture:qwen2-vl", **RUN).dims.hidden == 256
+    assert plan_from_path("Qwen/Qwen2-VL-2B-Instruct", RUN).peak_host_bytes == by_name.peak_host_bytes
+    assert plan_from_path("fixture:qwen2-vl", RUN).dims.hidden == 256
     with pytest.raises(PlanError, match="snapshot name"):
         plan_from_path("qwen3-vl-1000b")
     with pytest.raises(PlanError, match="snapshot name"):
@@ -193,20 +199,20 @@ def test_plan_from_path_accepts_dirs_files_and_snapshot_names(tmp_path):
     with pytest.raises(PlanError, match="not supported"):
         plan_from_path(tmp_path)
     with pytest.raises(PlanError, match="scheme"):
-        plan_from_path("qwen2-vl-2b", scheme="W5A5")
+        plan_from_path("qwen2-vl-2b", CalibrationConfig(scheme="W5A5"))
 
 
 def test_max_pixels_bounds_the_vision_tokens():
-    qwen = plan_from_path("qwen2-vl-7b", **RUN, max_pixels=448 * 448)
+    qwen = plan_from_path("qwen2-vl-7b", replace(RUN, max_pixels=448 * 448))
     assert qwen.vision_tokens_per_sample == 256  # 28x28 pixels a token
-    assert qwen.stage("catch").device_bytes < plan_from_path("qwen2-vl-7b", **RUN).stage("catch").device_bytes
-    llava = plan_from_path("llava-onevision-7b", **RUN, max_pixels=384 * 384)
+    assert qwen.stage("catch").device_bytes < plan_from_path("qwen2-vl-7b", RUN).stage("catch").device_bytes
+    llava = plan_from_path("llava-onevision-7b", replace(RUN, max_pixels=384 * 384))
     assert llava.vision_tokens_per_sample == 729 + 27 * 28  # base tile + one grid tile with newlines
 
 
 def test_cpu_device_puts_everything_on_the_host():
-    cuda = plan_from_path("qwen2-vl-2b", **RUN)
-    cpu = plan_from_path("qwen2-vl-2b", **RUN, device="cpu")
+    cuda = plan_from_path("qwen2-vl-2b", RUN)
+    cpu = plan_from_path("qwen2-vl-2b", RUN, device="cpu")
     assert cpu.peak_device_bytes == 0
     assert cpu.stage("calibrate layer").host_bytes > cuda.stage("calibrate layer").host_bytes
 
@@ -268,7 +274,6 @@ def test_predicted_peaks_match_measured_on_cpu(fixture):
     the plan with device="cpu": within 15% for importance and calibration (the terms that size
     the device: autograd activations, Hessians, GPTQ's copies); the catcher's estimate is an
     upper bound within 1.5x (its text-embedding term is conservative)."""
-    from tlq_vllm.calibrate.config import CalibrationConfig
     from tlq_vllm.calibrate.importance import gradient_importance
     from tlq_vllm.calibrate.layerwise import SolverOptions, calibrate_layer
     from tlq_vllm.calibrate.pipeline import RunLog, load_model, prepare_samples, target_linears
@@ -300,8 +305,9 @@ def test_predicted_peaks_match_measured_on_cpu(fixture):
         calibrate_layer(layers[0], adapter.decoder_groups, [c.hidden for c in caught], [c.kwargs for c in caught],
                         {n: all_tokens(roles) for n in names}, get_scheme("W4A16"), SolverOptions(), device="cpu")
 
-    p = plan(json.loads((model_dir / "config.json").read_text()), scheme="W4A16", method="tlq",
-             num_samples=len(samples), max_seq_len=max(s.num_tokens for s in samples),
+    run = CalibrationConfig(scheme="W4A16", method="tlq", num_samples=len(samples),
+                            max_seq_len=max(s.num_tokens for s in samples))
+    p = plan(json.loads((model_dir / "config.json").read_text()), run,
              vision_tokens_per_sample=max(int((r == 1).sum()) for r in roles), device="cpu")
     existing_parts = {"runtime", "weights", "sample inputs"}
     after_catch = existing_parts | {"layer-0 inputs"}
@@ -314,3 +320,11 @@ def test_predicted_peaks_match_measured_on_cpu(fixture):
     assert catch.measured <= predicted("catch", existing_parts) <= 1.5 * catch.measured
     assert predicted("importance backward", after_catch) == pytest.approx(importance.measured, rel=0.15)
     assert predicted("calibrate layer", around) == pytest.approx(calibrate.measured, rel=0.15)
+
+
+def test_rtn_with_smoothquant_plans_the_catch_it_runs():
+    """RTN alone needs no data; with --smoothquant-alpha it catches every sample (the pipeline's
+    Method.needs_data), and the plan says so."""
+    plain = plan_from_path("qwen2-vl-2b", CalibrationConfig(method="rtn", scheme="W8A8"))
+    smoothed = plan_from_path("qwen2-vl-2b", CalibrationConfig(method="rtn", scheme="W8A8", smoothquant_alpha=0.5))
+    assert plain.stage("catch").skipped and not smoothed.stage("catch").skipped

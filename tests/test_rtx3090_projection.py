@@ -14,7 +14,7 @@ from tlq_vllm.calibrate.planner import GiB, load_config, model_dims, snapshot_na
 
 @pytest.fixture(scope="module")
 def assumptions():
-    return m.Assumptions.from_presets()
+    return m.ServingAssumptions.from_presets()
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_main_writes_labelled_files_and_ratios(tmp_path, monkeypatch):
     measured = tmp_path / "measured.json"
     measured.write_text(json.dumps([{"model": "qwen2-vl-2b", "scheme": "W4A16", "cards": 1,
                                      "metric": "decode_tok_s_b1", "value": 260.0, "machine": "1x RTX 3090"}]))
-    p = r.run(m.Assumptions.from_presets(), ["qwen2-vl-2b"], measured=measured)
+    p = r.run(m.ServingAssumptions.from_presets(), ["qwen2-vl-2b"], measured=measured)
     (ratio,) = p["measured_vs_projected"]
     projected = p["models"]["qwen2-vl-2b"]["schemes"]["W4A16"]["tp"]["1"]["decode"][0]["tok_s_per_seq"]
     assert ratio["ratio"] == pytest.approx(260.0 / projected)

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -87,8 +88,7 @@ def main() -> None:
     events = [json.loads(line) for line in log.read_text().splitlines()]
     provenance = json.loads((work / "out" / "tlq_provenance.json").read_text())
     tokens = provenance["calibration_set"]["num_tokens"] // max(1, provenance["calibration_set"]["num_samples"])
-    plan = plan_from_path(model_dir, scheme=args.scheme, method=args.method, num_samples=args.samples,
-                          max_seq_len=tokens, device="cuda")
+    plan = plan_from_path(model_dir, replace(config, max_seq_len=tokens), device="cuda")
     print(format_plan(plan))
     measured = {e["event"]: e.get("device_peak_mib") for e in events}
     rows = []

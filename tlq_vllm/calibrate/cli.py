@@ -179,27 +179,17 @@ def command_with(argv: list[str], settings: dict) -> str:
 
 def print_plan(args: dict, argv: list[str]) -> int:
     """`--plan`: the memory planner for the run these options describe (config.json only)."""
-    from dataclasses import replace
-
-    from tlq_vllm.calibrate.planner import Assumptions, PlanError, format_plan, plan_from_path
+    from tlq_vllm.calibrate.planner import PlanError, format_plan, plan_from_path
 
     config = config_from_args([a for a in argv if a != "--plan"])
     try:
         result = plan_from_path(
             config.model,
-            scheme=config.scheme,
-            method=config.method,
-            num_samples=config.num_samples,
-            max_seq_len=config.max_seq_len,
+            config,
             nproc=args.get("nproc", 1),
             device_mem_bytes=parse_bytes(args["device_mem"]) if args.get("device_mem") else None,
             host_mem_bytes=parse_bytes(args["host_mem"]) if args.get("host_mem") else None,
-            importance_granularity=config.importance_granularity,
-            asymmetric_target=config.asymmetric_target,
-            max_pixels=config.max_pixels,
-            exposure=config.exposure,
-            assumptions=replace(Assumptions(), hessian_bytes=8, hessian_float32_copy=True)
-            if config.hessian_dtype == "float64" else None,
+            device="cpu" if config.device == "cpu" else "cuda",  # auto: plan for the GPU a run would use
         )
     except PlanError as err:
         raise ConfigError(str(err)) from None

@@ -24,6 +24,74 @@ QWEN2_DECODER_GROUPS: tuple[tuple[str, ...], ...] = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
+# Each of those linears' (out, in), in the text config's widths: hidden, q = heads x head_dim,
+# kv = kv_heads x head_dim, intermediate; and the linears that have a bias.
+QWEN2_DECODER_SHAPES: tuple[tuple[str, str, str], ...] = (
+    ("self_attn.q_proj", "q", "hidden"), ("self_attn.k_proj", "kv", "hidden"), ("self_attn.v_proj", "kv", "hidden"),
+    ("self_attn.o_proj", "hidden", "q"), ("mlp.gate_proj", "intermediate", "hidden"),
+    ("mlp.up_proj", "intermediate", "hidden"), ("mlp.down_proj", "hidden", "intermediate"),
+)
+QWEN2_DECODER_BIASES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """A dimension in a config.json section: the first of `names` present, else `default` (the
+    default of transformers' config class; None: the caller's fallback)."""
+
+    names: tuple[str, ...]
+    default: float | None
+
+    def read(self, section: dict) -> float | None:
+        for name in self.names:
+            if name in section:
+                return section[name]
+        return self.default
+
+
+def _key(*names: str, default: float | None = None) -> ConfigKey:
+    return ConfigKey(names, default)
+
+
+@dataclass(frozen=True)
+class VisionTowerDims:
+    """Where a family's vision_config keeps its tower's dimensions, and how the tower is built:
+    what the memory planner (tlq_vllm/calibrate/planner/dims.py) counts parameters and activations
+    from without building the model."""
+
+    width: ConfigKey
+    mlp: ConfigKey  # the MLP width, or (mlp_is_ratio) its ratio to the width
+    depth: ConfigKey
+    heads: ConfigKey
+    patch: ConfigKey = _key("patch_size", default=14)
+    merge: ConfigKey = _key("spatial_merge_size", default=2)  # patches per token side (Qwen's 2x2 merger)
+    temporal_patch: ConfigKey = _key("temporal_patch_size", default=2)
+    in_channels: ConfigKey = _key("in_channels", "in_chans", default=3)
+    out: ConfigKey = _key()  # the projector's output width; None: the text hidden size
+    # tiled towers (SigLIP in LLaVA-OneVision) cut each image into square tiles of this side (anyres)
+    # and have learned positions, a final LayerNorm and LLaVA's two-layer projector with image_newline;
+    # untiled ones (Qwen's ViT) take any resolution, use rotary positions and end in a patch merger
+    image_size: ConfigKey | None = None
+    mlp_is_ratio: bool = False
+    norm_params: int = 2  # parameters per channel of each norm: 2 for LayerNorm, 1 for RMSNorm
+    gated_mlp: bool = False  # gate_proj and up_proj (SwiGLU) instead of one fc1
+
+
+QWEN2_VL_VISION_DIMS = VisionTowerDims(
+    width=_key("embed_dim", default=1280), mlp=_key("mlp_ratio", default=4), mlp_is_ratio=True,
+    depth=_key("depth", default=32), heads=_key("num_heads", default=16), out=_key("hidden_size"),
+)
+QWEN25_VL_VISION_DIMS = VisionTowerDims(
+    width=_key("hidden_size", default=1280), mlp=_key("intermediate_size", default=3420),
+    depth=_key("depth", default=32), heads=_key("num_heads", default=16), out=_key("out_hidden_size"),
+    norm_params=1, gated_mlp=True,
+)
+SIGLIP_VISION_DIMS = VisionTowerDims(  # so400m-patch14-384: LlavaOnevisionConfig's defaults
+    width=_key("hidden_size", default=1152), mlp=_key("intermediate_size", default=4304),
+    depth=_key("num_hidden_layers", default=26), heads=_key("num_attention_heads", default=16),
+    merge=_key(default=1), temporal_patch=_key(default=1), in_channels=_key("num_channels", default=3),
+    image_size=_key("image_size", default=384),
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +106,12 @@ class ModelAdapter:
     lm_head: str = "lm_head"
     final_norm: str = "model.language_model.norm"
     decoder_groups: tuple[tuple[str, ...], ...] = QWEN2_DECODER_GROUPS
+    decoder_linear_shapes: tuple[tuple[str, str, str], ...] = QWEN2_DECODER_SHAPES  # (name, out, in) widths
+    decoder_biases: tuple[str, ...] = QWEN2_DECODER_BIASES
+    # the config.json sections of the language model (top-level keys fill in what it lacks) and the tower
+    text_config_key: str = "text_config"
+    vision_config_key: str = "vision_config"
+    vision_dims: VisionTowerDims | None = None  # None: the memory planner cannot size this family
     # (norm, index of the group in decoder_groups that reads its output): where SmoothQuant folds
     smooth_pairs: tuple[tuple[str, int], ...] = (("input_layernorm", 0), ("post_attention_layernorm", 2))
     vision_blocks: str = ""
@@ -77,6 +151,7 @@ QWEN2_VL = ModelAdapter(
     projector="model.visual.merger",
     vision_blocks="model.visual.blocks",
     vision_groups=QWEN_VL_VISION_GROUPS,
+    vision_dims=QWEN2_VL_VISION_DIMS,
     ignore_patterns=("re:.*visual.*", "re:.*lm_head"),
     vision_quantized_ignore_patterns=("re:.*visual\\.merger.*", "re:.*lm_head"),
 )
@@ -84,7 +159,8 @@ QWEN2_VL = ModelAdapter(
 ADAPTERS: tuple[ModelAdapter, ...] = (
     QWEN2_VL,
     # Qwen2.5-VL: the same layout; its vision MLP is gated (and alternates window/full attention)
-    replace(QWEN2_VL, family="qwen2.5-vl", model_types=("qwen2_5_vl",), vision_groups=QWEN25_VL_VISION_GROUPS),
+    replace(QWEN2_VL, family="qwen2.5-vl", model_types=("qwen2_5_vl",), vision_groups=QWEN25_VL_VISION_GROUPS,
+            vision_dims=QWEN25_VL_VISION_DIMS),
     ModelAdapter(
         family="llava-onevision",
         model_types=("llava_onevision",),
@@ -93,6 +169,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
         projector="model.multi_modal_projector",
         vision_blocks="model.vision_tower.encoder.layers",
         vision_groups=SIGLIP_VISION_GROUPS,
+        vision_dims=SIGLIP_VISION_DIMS,
         ignore_patterns=("re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*lm_head"),
         vision_quantized_ignore_patterns=("re:.*multi_modal_projector.*", "re:.*lm_head"),
         vision_quantization_unsupported=(

@@ -1,0 +1,242 @@
+"""Model dimensions and parameter counts from a config.json dict, as the memory planner needs them.
+
+Where each family keeps them (the text and vision sections, the vision_config keys and their
+defaults, the decoder's linears and how the tower is built) is stated by its ModelAdapter in
+tlq_vllm/models/adapters.py; this module reads those facts and counts, and knows no family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tlq_vllm.models.adapters import ADAPTERS, ModelAdapter, VisionTowerDims, adapter_for_model_type
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+class PlanError(ValueError):
+    """A config the planner cannot read, or an option it does not know."""
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    width: int  # E: the tower's hidden size
+    mlp: int  # M: MLP width
+    depth: int
+    heads: int
+    patch: int
+    merge: int  # spatial merge (2 for Qwen: 4 patches per token), 1 for SigLIP
+    temporal_patch: int = 1
+    in_channels: int = 3
+    out: int = 0  # the projector's output width (the text hidden size)
+    image_size: int = 0  # the tile side of a tiled tower (SigLIP: 384); 0: any resolution (Qwen)
+    pixels_per_token: int = 0  # image pixels per vision token, for --max-pixels suggestions
+    norm_params: int = 2  # per channel of each norm: 2 LayerNorm, 1 RMSNorm
+    gated_mlp: bool = False
+
+    @property
+    def tiled(self) -> bool:
+        """Images are cut into image_size tiles (LLaVA's anyres), see VisionTowerDims."""
+        return self.image_size > 0
+
+    def patches(self, tokens: int) -> int:
+        """Tower patches (its sequence length) behind `tokens` vision tokens of the language model."""
+        return tokens * self.merge**2
+
+    def tokens_for_pixels(self, max_pixels: int) -> int:
+        """About how many vision tokens an image of at most `max_pixels` pixels becomes."""
+        if self.tiled:  # the base tile plus the anyres grid tiles (rows end with a newline token)
+            side = self.image_size // self.patch
+            grid_tiles = max(1, max_pixels // self.image_size**2)
+            return side * side + grid_tiles * (side * side + side)
+        return max(4, max_pixels // self.pixels_per_token)
+
+    def max_pixels_for(self, vision_tokens: int) -> int | None:
+        """A --max-pixels that keeps an image within `vision_tokens` tokens."""
+        if self.tiled:
+            tile = self.image_size**2
+            per_tile = (self.image_size // self.patch) ** 2
+            grid_tiles = (vision_tokens - per_tile) // (per_tile + self.image_size // self.patch)
+            return tile * grid_tiles if grid_tiles >= 1 else None
+        return vision_tokens * self.pixels_per_token if vision_tokens >= 4 else None
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the memory model needs from a config.json; parameter counts are derived."""
+
+    name: str
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    dtype_bytes: int
+    vision: VisionDims
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return adapter_for_model_type(self.model_type)
+
+    @property
+    def decoder_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The decoder layer's linears by execution group (layerwise.calibrate_layer's order)."""
+        return self.adapter.decoder_groups
+
+    @property
+    def n_linears(self) -> int:
+        """Linears per decoder layer."""
+        return sum(len(group) for group in self.decoder_groups)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """Decoder linear name -> (out, in)."""
+        width = {"hidden": self.hidden, "intermediate": self.intermediate, "q": self.q_dim, "kv": self.kv_dim}
+        return {name: (width[out], width[in_]) for name, out, in_ in self.adapter.decoder_linear_shapes}
+
+    @property
+    def layer_linear_params(self) -> int:
+        return sum(o * i for o, i in self.linear_shapes().values())
+
+    @property
+    def layer_params(self) -> int:
+        shapes = self.linear_shapes()
+        biases = sum(shapes[name][0] for name in self.adapter.decoder_biases)
+        return self.layer_linear_params + biases + 2 * self.hidden  # + two RMSNorms
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def lm_head_params(self) -> int:
+        return 0 if self.tied else self.vocab * self.hidden
+
+    @property
+    def vision_params(self) -> int:
+        """Vision tower + projector (+ LLaVA's image_newline)."""
+        v = self.vision
+        E, M, out = v.width, v.mlp, v.out
+        norm = v.norm_params * E
+        attn = 4 * (E * E + E)  # q, k, v (or one fused qkv) and the output projection, with biases
+        mlp = (2 if v.gated_mlp else 1) * (E * M + M) + (M * E + E)
+        block = 2 * norm + attn + mlp
+        patch_embed = v.in_channels * v.temporal_patch * v.patch**2 * E  # the patch convolution's weight
+        if v.tiled:  # SigLIP: a biased convolution, learned positions, a final norm; LLaVA's projector
+            embeddings = patch_embed + E + (v.image_size // v.patch) ** 2 * E
+            projector = (E * out + out) + (out * out + out) + out  # linear_1, linear_2, image_newline
+            return embeddings + v.depth * block + norm + projector
+        merged = E * v.merge**2  # Qwen: rotary positions (no parameters); the merger's norm and two linears
+        merger = norm + (merged * merged + merged) + (merged * out + out)
+        return patch_embed + v.depth * block + merger
+
+    @property
+    def decoder_params(self) -> int:
+        return self.layers * self.layer_params
+
+    @property
+    def quantized_params(self) -> int:
+        """Parameters of the decoder linears: what the calibrator quantizes."""
+        return self.layers * self.layer_linear_params
+
+    @property
+    def non_decoder_params(self) -> int:
+        """What the catcher moves to the device: embeddings, lm_head, final norm, vision, projector."""
+        return self.embed_params + self.lm_head_params + self.hidden + self.vision_params
+
+    @property
+    def total_params(self) -> int:
+        return self.decoder_params + self.non_decoder_params
+
+    def param_counts(self) -> dict[str, int]:
+        return {
+            "decoder layers": self.decoder_params,
+            "quantized linears": self.quantized_params,
+            "embeddings": self.embed_params,
+            "lm_head": self.lm_head_params,
+            "vision + projector": self.vision_params,
+            "total": self.total_params,
+        }
+
+
+def _sized_adapter(model_type) -> ModelAdapter:
+    sized = [t for a in ADAPTERS if a.vision_dims for t in a.model_types]
+    if model_type not in sized:
+        raise PlanError(f"model_type {model_type!r} is not supported by the planner; supported: {', '.join(sized)}")
+    return adapter_for_model_type(model_type)
+
+
+def _text_config(config: dict, adapter: ModelAdapter) -> dict:
+    """Text parameters: top-level in the hub files of Qwen2-VL / Qwen2.5-VL, under text_config in
+    transformers 5 saves and in LLaVA-OneVision; text_config wins where both exist."""
+    sections = (adapter.text_config_key, adapter.vision_config_key)
+    text = {k: v for k, v in config.items() if k not in sections}
+    text.update(config.get(adapter.text_config_key) or {})
+    return text
+
+
+def _need(cfg: dict, key: str, where: str):
+    if key not in cfg:
+        raise PlanError(f"config.json has no {key!r} in {where}; is this a full model config?")
+    return cfg[key]
+
+
+def vision_dims(tower: VisionTowerDims, vision_config: dict, text_hidden: int) -> VisionDims:
+    """The tower's dimensions from its vision_config section, read where `tower` says."""
+    width = int(tower.width.read(vision_config))
+    mlp = tower.mlp.read(vision_config)
+    out = tower.out.read(vision_config)
+    image_size = int(tower.image_size.read(vision_config)) if tower.image_size else 0
+    patch, merge = int(tower.patch.read(vision_config)), int(tower.merge.read(vision_config))
+    if image_size:  # a tile's pixels over its patches (one token each)
+        pixels_per_token = image_size**2 // max(1, (image_size // patch) ** 2)
+    else:
+        pixels_per_token = (patch * merge) ** 2
+    return VisionDims(
+        width=width, mlp=int(width * mlp) if tower.mlp_is_ratio else int(mlp),
+        depth=int(tower.depth.read(vision_config)),
+        heads=int(tower.heads.read(vision_config)), patch=patch, merge=merge,
+        temporal_patch=int(tower.temporal_patch.read(vision_config)),
+        in_channels=int(tower.in_channels.read(vision_config)), out=text_hidden if out is None else int(out),
+        image_size=image_size, pixels_per_token=pixels_per_token, norm_params=tower.norm_params,
+        gated_mlp=tower.gated_mlp,
+    )
+
+
+def model_dims(config: dict, name: str | None = None) -> ModelDims:
+    """Reads the dimensions of a config.json dict of a family whose adapter states its vision_dims."""
+    model_type = config.get("model_type")
+    adapter = _sized_adapter(model_type)
+    text = _text_config(config, adapter)
+    where = adapter.text_config_key if adapter.text_config_key in config else "the top level"
+    hidden = int(_need(text, "hidden_size", where))
+    heads = int(_need(text, "num_attention_heads", where))
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or text.get("dtype")
+                or text.get("torch_dtype") or "bfloat16")
+    tied = bool(config.get("tie_word_embeddings")
+                or (config.get(adapter.text_config_key) or {}).get("tie_word_embeddings"))
+    vision = vision_dims(adapter.vision_dims, config.get(adapter.vision_config_key) or {}, hidden)
+    return ModelDims(
+        name=name or str(config.get("_name_or_path") or model_type), model_type=model_type, hidden=hidden,
+        layers=int(_need(text, "num_hidden_layers", where)), heads=heads,
+        kv_heads=int(text.get("num_key_value_heads") or heads), head_dim=head_dim,
+        intermediate=int(_need(text, "intermediate_size", where)), vocab=int(_need(text, "vocab_size", where)),
+        tied=tied, dtype_bytes=DTYPE_BYTES.get(dtype, 2), vision=vision,
+    )
+
+
+def param_count(config: dict) -> int:
+    """Total parameters predicted from config.json (tied embeddings counted once)."""
+    return model_dims(config).total_params
