@@ -6,7 +6,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup calibrate test test-fast lint duplicates clean-fixtures toyvlm peer-llmcompressor-setup peer-llmcompressor bench-accuracy \
-	bench-serving bench-kernels
+	bench-serving bench-kernels bench-calibration
 
 setup:
 	bash scripts/setup.sh
@@ -44,6 +44,9 @@ bench-serving: setup
 
 bench-kernels: setup
 	$(PY) -m benchmarks.kernels $(ARGS)
+
+bench-calibration: setup peer-llmcompressor-setup
+	$(PY) -m benchmarks.calibration $(ARGS)
 
 clean-fixtures:
 	rm -rf $${TLQ_CACHE_DIR:-$$HOME/.cache/tlq_vllm}/fixtures

@@ -53,6 +53,7 @@ from benchmarks.serving_results import (
     round_ratios,
     served_kernels,
 )
+from tlq_vllm.models.builtin import resolve_builtin
 from tlq_vllm.serve.process import ServerProcess, last_line
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,12 +137,10 @@ def default_model() -> str:
 
 
 def resolve_model(model: str) -> Path:
-    """A model directory: `fixture:<name>` is built (cached) by tlq_vllm.testing."""
+    """A model directory: `fixture:<name>` is built (cached) by tlq_vllm.models.tiny."""
     if model.startswith("fixture:"):
-        from tlq_vllm.testing import build_fixture
-
         try:
-            return build_fixture(model.split(":", 1)[1])
+            return Path(resolve_builtin(model))
         except ValueError as err:
             raise BenchError(f"--model {model}: {err}") from None
     path = Path(model)

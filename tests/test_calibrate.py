@@ -277,3 +277,12 @@ def test_log_json_records_every_stage(tmp_path):
     assert kinds.count("layer") == 4 and "data" in kinds
     layer = next(e for e in events if e["event"] == "layer")
     assert {"layer", "error_rtn", "error", "seconds"} <= set(layer)
+
+
+def test_partial_runs_of_the_same_settings_into_different_outputs_are_kept_apart(tmp_path):
+    """Resume state is keyed by the settings AND the output: a second run of the same settings into
+    another directory (e.g. at the same time) must not find, or delete, the first one's layers."""
+    first = run_module.PartialRun(CalibrationConfig(output=str(tmp_path / "a")), writer=False)
+    again = run_module.PartialRun(CalibrationConfig(output=str(tmp_path / "a")), writer=False)
+    other = run_module.PartialRun(CalibrationConfig(output=str(tmp_path / "b")), writer=False)
+    assert first.dir == again.dir and first.dir != other.dir

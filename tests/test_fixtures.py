@@ -74,7 +74,7 @@ def test_chat_template_renders_the_family_placeholder(fixture_dir):
     assert text.endswith("<|im_start|>assistant\n")
 
 
-@pytest.mark.parametrize("name", ["qwen2-vl"])
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen3-vl"])
 def test_fixture_build_is_deterministic_and_cached(name, tmp_path):
     first = build_fixture(name, cache_dir=tmp_path / "a")
     second = build_fixture(name, cache_dir=tmp_path / "b")

@@ -34,7 +34,7 @@ def build_model(workdir: Path) -> Path:
     """The fixture's processor files + Qwen2-VL-2B's dimensions, random bf16 weights."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from tlq_vllm.testing import build_fixture
+    from tlq_vllm.models.tiny import build_fixture
 
     fixture = build_fixture("qwen2-vl")
     config = AutoConfig.from_pretrained(fixture)

@@ -85,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="ablation: every token weighted by its modality's mean importance, not its own (default off)",
     )
+    tlq.add_argument("--importance-power", type=float,
+                     help=f"token weight = importance ** P, P in [0, 1]; 0: the token set unweighted "
+                     f"(default {d.importance_power}: as is)")
+    tlq.add_argument("--weight-shrinkage", type=float,
+                     help=f"blend token weights with uniform ones: (1 - L) w + L (default {d.weight_shrinkage}: off)")
+    tlq.add_argument("--per-sample-weights", action=argparse.BooleanOptionalAction,
+                     help="every sample's tokens carry the same total weight (default off)")
+    tlq.add_argument("--modality-weight-floor", type=float,
+                     help="each sample's vision and text tokens carry at least F x their token share of its weight "
+                     f"(default {d.modality_weight_floor}: off)")
     tlq.add_argument(
         "--asymmetric-target",
         action=argparse.BooleanOptionalAction,

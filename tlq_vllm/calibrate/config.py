@@ -48,6 +48,12 @@ class CalibrationConfig:
     exposure: bool = True
     modality_level: bool = False  # ablation: a token's importance = its modality's mean (per layer, linear)
     asymmetric_target: bool = False  # minimise ||W_hat x~ - W x||^2 (quantized-path input, FP-path target)
+    # How kept tokens' importance becomes weights (tokensets.WeightShaping; all off by default until
+    # the testbed, issue 14, gives validation numbers)
+    importance_power: float = 1.0  # w = I ** power
+    weight_shrinkage: float = 0.0  # w = (1 - lam) w + lam
+    per_sample_weights: bool = False  # every sample's kept tokens carry the same total weight
+    modality_weight_floor: float = 0.0  # each sample's vision / text weight >= this x their token share
     # SmoothQuant migration strength for A8 schemes: method "smoothquant" = SmoothQuant + RTN
     # (alpha 0.5 unless given); with another method, smoothing first, then that method.
     smoothquant_alpha: float | None = None
@@ -90,6 +96,10 @@ class CalibrationConfig:
             (0 < self.rho <= 1, f"rho must be in (0, 1], got {self.rho}"),
             (0 <= self.modality_floor <= 1, f"modality floor must be in [0, 1], got {self.modality_floor}"),
             (50 <= self.clip_percentile <= 100, f"clip percentile must be in [50, 100], got {self.clip_percentile}"),
+            (0 <= self.importance_power <= 1, f"--importance-power must be in [0, 1], got {self.importance_power}"),
+            (0 <= self.weight_shrinkage <= 1, f"--weight-shrinkage must be in [0, 1], got {self.weight_shrinkage}"),
+            (0 <= self.modality_weight_floor <= 1,
+             f"--modality-weight-floor must be in [0, 1], got {self.modality_weight_floor}"),
             (self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}"),
             (self.max_seq_len >= 16, f"--max-seq-len must be at least 16, got {self.max_seq_len}"),
             (self.damp > 0, f"--damp must be positive, got {self.damp}"),

@@ -20,6 +20,7 @@ from tlq_vllm.calibrate.distributed import Dist
 from tlq_vllm.calibrate.layerwise import SolverOptions
 from tlq_vllm.calibrate.methods import Method, get_method
 from tlq_vllm.calibrate.schemes import Scheme, get_scheme
+from tlq_vllm.calibrate.tokensets import WeightShaping
 from tlq_vllm.models import ModelAdapter
 
 
@@ -55,6 +56,7 @@ class TokenOptions:
     rho: float  # share of tokens kept by score
     modality_floor: float  # share of each sample's vision and text tokens always kept
     modality_level: bool  # ablation: every token of a modality gets the modality's mean score
+    shaping: WeightShaping  # how kept tokens' scores become weights (default: as they are)
 
 
 def solver_options(config: CalibrationConfig, method: Method) -> SolverOptions:
@@ -76,6 +78,12 @@ def token_options(config: CalibrationConfig) -> TokenOptions:
         rho=config.rho,
         modality_floor=config.modality_floor,
         modality_level=config.modality_level,
+        shaping=WeightShaping(
+            power=config.importance_power,
+            shrinkage=config.weight_shrinkage,
+            per_sample=config.per_sample_weights,
+            modality_weight_floor=config.modality_weight_floor,
+        ),
     )
 
 

@@ -37,12 +37,13 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import tlq_vllm
+from tlq_vllm.calibrate.hostmem import release_free_heap
+from tlq_vllm.calibrate.quantizer import QuantizedLinear, dequantize
 from tlq_vllm.calibrate.schemes import Scheme
 from tlq_vllm.models.adapters import ModelAdapter, rename_saved_keys
 
@@ -72,18 +73,6 @@ _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 class DiskFullError(OSError):
     """The disk holding the checkpoint (or the user's quota) ran out while it was being written.
     `filename` is the directory being written; removing what was written is the caller's job."""
-
-
-@dataclass
-class QuantizedLinear:
-    """One linear's quantized weight as the calibrator produced it.
-
-    The dequantized weight is `qweight * scales` with each scale repeated over its group of
-    input columns (group = in // scales.shape[1]; one column of scales means per channel).
-    """
-
-    qweight: torch.Tensor  # int8 [out, in], values in [scheme.qmin, scheme.qmax]
-    scales: torch.Tensor  # float32 [out, in // group] or [out, 1]
 
 
 def quantization_scheme(scheme: Scheme, targets: list[str]):
@@ -199,6 +188,7 @@ def write_checkpoint(
         assert set(compressed) == expected, (name, set(compressed), expected)
         del state_dict[f"{name}.weight"]
         state_dict.update({f"{name}.{key}": tensor for key, tensor in compressed.items()})
+        release_free_heap()  # the float32 weight and compress()'s temporaries
 
     with _disk_full_as_error(out_dir):
         with _no_progress_bars():
@@ -253,8 +243,7 @@ def _quantized_state(linear: torch.nn.Module, q: QuantizedLinear, scheme: Scheme
             f"scales must be [{out_features}, {groups}] for {scheme.name}, got {list(scales.shape)}"
         )
     scale = scales.to(weight.dtype)  # [out, groups], as compressed-tensors stores it
-    group = in_features // groups
-    dense = qweight.float() * scale.float().repeat_interleave(group, dim=1)  # [out, in], exact
+    dense = dequantize(qweight, scale, scheme)  # float32 [out, in], exact
     return {"weight": dense, "weight_scale": scale}
 
 

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantizer import _group_scales, check_clip_ratios, dequantize, group_size_for, quantize, round_to_grid
+from .quantizer import (
+    QuantizedLinear,
+    _group_scales,
+    check_clip_ratios,
+    dequantize,
+    group_size_for,
+    quantize,
+    round_to_grid,
+)
 from .schemes import Scheme
 
 
@@ -81,8 +89,8 @@ class HessianAccumulator:
 
 
 @dataclass
-class GPTQResult:
-    """One layer's solution.
+class GPTQResult(QuantizedLinear):
+    """One linear's solution.
 
     qweight [out, in] int8 and scales [out, in // group] float32 are what the checkpoint stores;
     weight_hat [out, in] float32 = dequantize(qweight, scales).
@@ -94,8 +102,6 @@ class GPTQResult:
     None when the solver fell back to round-to-nearest (fallback_rtn True).
     """
 
-    qweight: torch.Tensor
-    scales: torch.Tensor
     weight_hat: torch.Tensor
     loss: float
     damp_used: float | None

@@ -74,17 +74,20 @@ def gradient_importance(
     too coarse for a ranking of tokens). Parameters get no gradients.
     """
     num_layers = len(layers)
-    # Forward, storing each layer's input (CPU, model dtype): stored[l][s] = input of layer l.
+    # Forward, storing each layer's input (CPU, model dtype): stored[l][s] = input of layer l, with
+    # what the model adds after layer l - 1 (deepstack). That add is constant in h, so the backward
+    # below passes dL/d(input of l + 1) to layer l's output unchanged.
     stored = [[x.hidden for x in inputs]]
-    for layer in tqdm(layers, desc="importance: forward", disable=not progress, leave=False):
+    injections = [x.injection for x in inputs]
+    for l, layer in enumerate(tqdm(layers, desc="importance: forward", disable=not progress, leave=False)):
         with on_device(layer, device):
-            stored.append(run_layer(layer, stored[-1], [x.kwargs for x in inputs], device))
+            stored.append(run_layer(layer, stored[-1], [x.kwargs for x in inputs], device, injections, l))
 
     importance: Importance = [{name: [] for name in layer_names} for _ in range(num_layers)]
     grads, losses = [], []
     with on_device(final_norm, device), on_device(lm_head, device):
         for s, hidden in enumerate(stored[-1]):
-            h = hidden.to(device, torch.float32).requires_grad_(True)
+            h = hidden.to(device, torch.float32).detach().requires_grad_(True)
             loss = answer_loss(h, final_norm.float(), lm_head.float(), roles[s], input_ids[s])
             loss.backward()
             grads.append(h.grad.detach().to("cpu"))
@@ -108,7 +111,9 @@ def gradient_importance(
         try:
             for s, x in enumerate(inputs):
                 grad_out = grads[s].to(device, torch.float32)
-                h_in = stored[l][s].to(device, torch.float32).requires_grad_(True)
+                # detach: for a float32 model, .to() returns the caller's own tensor, whose .grad would
+                # accumulate over calls (and which would be left requiring grad)
+                h_in = stored[l][s].to(device, torch.float32).detach().requires_grad_(True)
                 out = layer_forward(layer, h_in, _float_kwargs(x.kwargs, device))
                 out.backward(grad_out)
                 for name in layer_names:

@@ -19,8 +19,10 @@ import torch
 
 from tlq_vllm.calibrate.distributed import SINGLE, Dist
 from tlq_vllm.calibrate.gptq import HessianAccumulator, gptq_quantize
+from tlq_vllm.calibrate.hostmem import release_free_heap
 from tlq_vllm.calibrate.quantizer import (
     DEFAULT_CLIP_RATIOS,
+    QuantizedLinear,
     compute_scales,
     dequantize,
     fake_quantize_activations_per_token,
@@ -32,11 +34,10 @@ from tlq_vllm.calibrate.tokensets import TokenSet
 
 
 @dataclass
-class LinearResult:
-    """One calibrated linear: what the checkpoint stores, and its weighted errors."""
+class LinearResult(QuantizedLinear):
+    """One calibrated linear: what the checkpoint stores (qweight int8 [out, in], scales float32
+    [out, in/group], values representable in the model dtype), and its weighted errors."""
 
-    qweight: torch.Tensor  # int8 [out, in]
-    scales: torch.Tensor  # float32 [out, in/group] (values representable in the model dtype)
     error_rtn: float  # weighted output error of round-to-nearest under the same H
     error: float  # weighted output error of the solution (GPTQ, or RTN when solver="rtn")
     fallback_rtn: bool = False
@@ -249,4 +250,5 @@ def rtn_layer(
         result = quantize_linear(linear.weight, None, scheme, options, dtype)
         linear.weight.data.copy_(dequantize(result.qweight, result.scales, scheme, dtype))
         results[name] = result
+        release_free_heap()  # this linear's float32 temporaries
     return results

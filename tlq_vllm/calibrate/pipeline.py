@@ -9,6 +9,7 @@ cache directory so that `--resume` can continue an interrupted run.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import resource
@@ -26,7 +27,7 @@ from tlq_vllm.calibrate.config import CalibrationConfig, ConfigError
 from tlq_vllm.calibrate.context import RunContext, RunLog, target_linears
 from tlq_vllm.calibrate.data import DataError, Fields, build_sample, dataset_hash, load_records, open_image
 from tlq_vllm.calibrate.distributed import init_from_env
-from tlq_vllm.calibrate.export import DiskFullError, QuantizedLinear, write_checkpoint
+from tlq_vllm.calibrate.export import DiskFullError, write_checkpoint
 from tlq_vllm.calibrate.layerwise import LinearResult, rtn_layer
 from tlq_vllm.calibrate.quantizer import dequantize
 from tlq_vllm.calibrate.schemes import Scheme
@@ -116,10 +117,13 @@ def peak_memory(device: torch.device) -> dict:
 
 
 class PartialRun:
-    """Finished layers of an interrupted run, in the cache dir, keyed by the config fingerprint."""
+    """Finished layers of an interrupted run, in the cache dir, keyed by the config fingerprint and the
+    output directory: two runs of the same settings into different outputs (at the same time, or one
+    resumed later) never share or delete each other's layers."""
 
     def __init__(self, config: CalibrationConfig, writer: bool = True):
-        self.dir = cache_root() / "runs" / config.fingerprint()
+        output = hashlib.sha256(str(config.output_dir().resolve()).encode()).hexdigest()[:8]
+        self.dir = cache_root() / "runs" / f"{config.fingerprint()}-{output}"
         self.writer = writer  # one rank writes; all read (one machine, or a shared cache dir)
         if writer and not config.resume:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -354,6 +358,7 @@ def calibrate_model(ctx: RunContext, all_samples: list, partial: PartialRun,
         ctx, ctx.layers, ctx.adapter.decoder_groups, [c.hidden for c in caught], [kwargs] * len(ctx.layers),
         weighting.sets, label="layer",
         fp_hiddens=[c.hidden for c in fp_caught] if ctx.mode != "exposed" else None,
+        injections=[c.injection for c in caught], fp_injections=[c.injection for c in fp_caught],
         before_block=smooth if ctx.smoothquant_alpha is not None else None,
         finished=finished, apply_finished=lambda layer, done: apply_results(layer, done, ctx.scheme),
         save=partial.save_layer,
@@ -385,7 +390,7 @@ def apply_results(layer, results: dict[str, LinearResult], scheme: Scheme) -> No
 def export(ctx: RunContext, results, vision_results, model_ref, staging: Path, provenance: dict) -> None:
     adapter = ctx.adapter
     quantized = {
-        f"{prefix}.{l}.{name}": QuantizedLinear(r.qweight, r.scales)
+        f"{prefix}.{l}.{name}": r
         for prefix, per_index in ((adapter.decoder_layers, results), (adapter.vision_blocks, vision_results))
         for l, per_layer in per_index.items()
         for name, r in per_layer.items()

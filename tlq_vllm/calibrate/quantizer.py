@@ -15,10 +15,25 @@ Layout conventions (weights are nn.Linear's [out, in]):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .schemes import Scheme
+
+
+@dataclass
+class QuantizedLinear:
+    """One linear's quantized weight: what a checkpoint stores (export.write_checkpoint). The solver's
+    result (gptq.GPTQResult) and the calibrator's (layerwise.LinearResult) are QuantizedLinears
+    that also carry how they were found and how far they are from the FP weight.
+
+    The dequantized weight is `qweight * scales` with each scale repeated over its group of
+    input columns (group = in // scales.shape[1]; one column of scales means per channel).
+    """
+
+    qweight: torch.Tensor  # int8 [out, in], values in [scheme.qmin, scheme.qmax]
+    scales: torch.Tensor  # float32 [out, in // group] or [out, 1]
 
 # The shrink factors of the default clipping search: 1.0, 0.95, ..., 0.7 (1.0 first, so that on
 # a tie the unclipped absmax scale is kept).

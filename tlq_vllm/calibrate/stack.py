@@ -3,7 +3,8 @@ device, is calibrated on the quantized inference path (layerwise.calibrate_layer
 in execution order), and then the samples' hidden states are pushed through the quantized block
 (with the kernel's activation fake-quantisation) to become the next block's inputs.
 
-What differs between the stacks is passed in: per-block keyword arguments, token sets, an optional
+What differs between the stacks is passed in: per-block keyword arguments, token sets, what the
+model adds to the stream after each block (Qwen3-VL's deepstack, streaming.after_layer), an optional
 hook before the block is calibrated (SmoothQuant), the FP path (exposure off, asymmetric target)
 and resume; what they share (scheme, solver, device, exposure mode, log) is the run context's.
 Errors, the log line and the provenance of a block are written here, once.
@@ -18,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tlq_vllm.calibrate.layerwise import LinearResult, activation_fake_quant, calibrate_layer
-from tlq_vllm.calibrate.streaming import on_device, run_layer
+from tlq_vllm.calibrate.streaming import ResidualInjection, on_device, run_layer
 from tlq_vllm.calibrate.tokensets import BlockTokenSets
 
 BlockResults = dict[str, LinearResult]
@@ -40,6 +41,8 @@ def calibrate_stack(
     *,
     label: str,
     fp_hiddens: list[torch.Tensor] | None = None,
+    injections: list[ResidualInjection | None] | None = None,
+    fp_injections: list[ResidualInjection | None] | None = None,
     before_block: Callable[[torch.nn.Module, list[torch.Tensor], list[dict]], None] | None = None,
     finished: dict[int, BlockResults] | None = None,
     apply_finished: Callable[[torch.nn.Module, BlockResults], None] | None = None,
@@ -50,7 +53,9 @@ def calibrate_stack(
     kwargs[b] and token_sets[b] are block b's per-sample keyword arguments and its token sets
     (linear name -> TokenSet), this rank's shard; scheme, solver, device, exposure mode and log come
     from the run context. fp_hiddens, when given, are pushed through the FP blocks beside the
-    quantized path. finished holds blocks calibrated before an interruption (their integers are
+    quantized path. injections and fp_injections (per sample, this rank's shard; fp_injections
+    defaults to injections) are what the model adds to each block's outputs on the two paths.
+    finished holds blocks calibrated before an interruption (their integers are
     applied with apply_finished instead of solving again); save(b, results) stores a new block's.
     label ("layer", "vision block") names the log events and the progress bar."""
     names = [name for group in groups for name in group]
@@ -58,11 +63,13 @@ def calibrate_stack(
     device, scheme = ctx.device, ctx.scheme
     event, key = label.replace(" ", "-"), label.split()[-1]
     results: dict[int, BlockResults] = {}
+    fp_injections = injections if fp_injections is None else fp_injections
     for b in tqdm(range(len(blocks)), desc=f"calibrate {label}s", disable=not ctx.progress):
         block, block_kwargs = blocks[b], kwargs[b]
         with on_device(block, device):
             t0 = time.time()
-            next_fp = run_layer(block, fp_hiddens, block_kwargs, device) if fp_hiddens is not None else None
+            next_fp = run_layer(block, fp_hiddens, block_kwargs, device, fp_injections, b) \
+                if fp_hiddens is not None else None
             if before_block is not None:
                 before_block(block, hiddens, block_kwargs)
             if b in finished:
@@ -83,6 +90,6 @@ def calibrate_stack(
                     **{key: b}, error_rtn=before, error=after, seconds=time.time() - t0, fallback=fallbacks,
                 )
             with activation_fake_quant([block.get_submodule(n) for n in names], scheme):
-                hiddens = run_layer(block, hiddens, block_kwargs, device)
+                hiddens = run_layer(block, hiddens, block_kwargs, device, injections, b)
             fp_hiddens = next_fp
     return results

@@ -7,6 +7,12 @@ Every later stage replays decoder layers one at a time from those records: `run_
 layer to the device, pushes each sample through, and brings the outputs back to CPU. This one
 mechanism serves the importance pass (forward, then block-wise backward), the layer-wise
 calibration and the memory bound.
+
+Some families add features to the residual stream between decoder layers (Qwen3-VL's deepstack:
+vision features at the image tokens after layers 0-2). They are arguments of the text model's
+forward, not of the layers, so the catcher records them too (`ResidualInjection`, named by the
+adapter's `residual_injections`) and every replay adds them where the model does (`after_layer`,
+called by `run_layer`). Without injections the replay is the layers alone, bit for bit as before.
 """
 
 from __future__ import annotations
@@ -19,17 +25,42 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from tlq_vllm.models.adapters import ResidualInjectionArgs
+
 
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once what it needed has been recorded."""
 
 
 @dataclass
+class ResidualInjection:
+    """What the model adds to one sample's residual stream after its first decoder layers:
+    values[l] ([n, H]) at the n positions of the [1, T] bool mask, after layer l."""
+
+    positions: torch.Tensor
+    values: list[torch.Tensor]
+
+
+@dataclass
 class LayerInputs:
-    """What decoder layer 0 receives for one sample: hidden states [1, T, H] and its kwargs."""
+    """What decoder layer 0 receives for one sample: hidden states [1, T, H] and its kwargs, and
+    what is added to the stream after later layers (None: nothing)."""
 
     hidden: torch.Tensor
     kwargs: dict
+    injection: ResidualInjection | None = None
+
+
+def after_layer(index: int, hidden: torch.Tensor, injection: ResidualInjection | None) -> torch.Tensor:
+    """Decoder layer `index`'s output as the next layer receives it: with the sample's injection
+    for that layer added at its positions (the text model's own ops: a copy, an add in the hidden
+    dtype), or unchanged. The add is constant in `hidden`, so gradients pass through it as they are."""
+    if injection is None or index >= len(injection.values):
+        return hidden
+    mask = injection.positions.to(hidden.device)
+    hidden = hidden.clone()
+    hidden[mask, :] = hidden[mask, :] + injection.values[index].to(hidden.device, hidden.dtype)
+    return hidden
 
 
 def to_device(value, device):
@@ -73,19 +104,34 @@ def forward_to_first_layer(
     return caught["hidden"], caught["kwargs"]
 
 
-def catch_layer_inputs(model, layers: torch.nn.ModuleList, sample_inputs: dict) -> LayerInputs:
-    """Decoder layer 0's inputs for one sample, on CPU, replayable with `layer_forward`."""
-    hidden, kwargs = forward_to_first_layer(model, layers, sample_inputs)
+def catch_layer_inputs(model, layers: torch.nn.ModuleList, sample_inputs: dict,
+                       injection_args: ResidualInjectionArgs | None = None) -> LayerInputs:
+    """Decoder layer 0's inputs for one sample, on CPU, replayable with `layer_forward`.
+
+    injection_args (the adapter's `residual_injections`): where the model receives what it adds
+    after later layers; a pre-hook on that module records it during the same forward."""
+    more_hooks, received = [], {}
+    if injection_args is not None:
+        def record(_module, _args, kwargs):
+            received.update(positions=kwargs.get(injection_args.positions), values=kwargs.get(injection_args.values))
+
+        more_hooks.append((model.get_submodule(injection_args.module), record))
+    hidden, kwargs = forward_to_first_layer(model, layers, sample_inputs, more_hooks=more_hooks)
     kwargs = to_device(kwargs, "cpu")
     kwargs["use_cache"] = False
-    return LayerInputs(hidden.detach().to("cpu"), kwargs)
+    injection = None
+    if received.get("positions") is not None and received.get("values"):  # a sample without an image has none
+        injection = ResidualInjection(received["positions"].detach().to("cpu"),
+                                      [v.detach().to("cpu") for v in received["values"]])
+    return LayerInputs(hidden.detach().to("cpu"), kwargs, injection)
 
 
 def catch_decoder_inputs(model, adapter, samples: list, device, *, progress: bool = False) -> list[LayerInputs]:
     """The catch stage: every sample's decoder layer-0 inputs (CPU), the model up to layer 0 on `device`."""
     layers = adapter.layers(model)
     with pre_decoder_on_device(model, adapter.decoder_layers, device):
-        return [catch_layer_inputs(model, layers, {k: v.to(device) for k, v in sample.inputs.items()})
+        return [catch_layer_inputs(model, layers, {k: v.to(device) for k, v in sample.inputs.items()},
+                                   adapter.residual_injections)
                 for sample in tqdm(samples, desc="catch layer-0 inputs", disable=not progress, leave=False)]
 
 
@@ -162,12 +208,19 @@ def run_layer(
     hiddens: list[torch.Tensor],
     kwargs: list[dict],
     device: torch.device | str,
+    injections: list[ResidualInjection | None] | None = None,
+    index: int = 0,
 ) -> list[torch.Tensor]:
-    """Pushes every sample's hidden states through `layer` on `device`; outputs come back to CPU."""
+    """Pushes every sample's hidden states through `layer` on `device`; outputs come back to CPU.
+
+    injections (per sample) and index (the layer's place in the stack): what `after_layer` adds
+    to each output, so that the outputs are the next layer's inputs."""
     outputs = []
     with torch.no_grad():
-        for hidden, kw in zip(hiddens, kwargs, strict=True):
+        for s, (hidden, kw) in enumerate(zip(hiddens, kwargs, strict=True)):
             out = layer_forward(layer, hidden.to(device), to_device(kw, device))
+            if injections is not None:
+                out = after_layer(index, out, injections[s])
             outputs.append(out.to("cpu"))
     return outputs
 

@@ -95,6 +95,19 @@ SIGLIP_VISION_DIMS = VisionTowerDims(  # so400m-patch14-384: LlavaOnevisionConfi
 
 
 @dataclass(frozen=True)
+class ResidualInjectionArgs:
+    """Features that a family's forward adds to the decoder's residual stream after its first layers
+    (Qwen3-VL's deepstack): the module whose forward receives them and the names of its arguments,
+    a [1, T] bool mask of the receiving positions and a list whose entry l ([n, H], n the mask's
+    count) is added at those positions to decoder layer l's output. The catcher records them and
+    every layer replay adds them (tlq_vllm/calibrate/streaming.py)."""
+
+    module: str
+    positions: str
+    values: str
+
+
+@dataclass(frozen=True)
 class ModelAdapter:
     """Where the parts of one VLM family live and how its checkpoints are laid out on the hub."""
 
@@ -126,6 +139,7 @@ class ModelAdapter:
     # (prefix written by transformers 5.19's save_pretrained, prefix of the hub layout that
     # vLLM and older transformers read): applied to the saved tensor names.
     saved_key_renames: tuple[tuple[str, str], ...] = ()
+    residual_injections: ResidualInjectionArgs | None = None  # None: the decoder layers are the whole stream
 
     def layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return model.get_submodule(self.decoder_layers)
@@ -156,6 +170,32 @@ QWEN2_VL = ModelAdapter(
     vision_quantized_ignore_patterns=("re:.*visual\\.merger.*", "re:.*lm_head"),
 )
 
+# Qwen3-VL: a Qwen3 decoder (the same seven linears; q_norm / k_norm are RMS norms over each head
+# after q_proj / k_proj, no biases) and a ViT of which a few blocks (config default: 8, 16, 24) also feed
+# deepstack mergers, whose outputs the text model adds at the image tokens after decoder layers 0-2.
+QWEN3_VL_VISION_GROUPS = (("attn.qkv",), ("attn.proj",), ("mlp.linear_fc1",), ("mlp.linear_fc2",))
+QWEN3_VL = ModelAdapter(
+    family="qwen3-vl",
+    model_types=("qwen3_vl",),
+    decoder_layers="model.language_model.layers",
+    vision_tower="model.visual",
+    projector="model.visual.merger",
+    decoder_biases=(),
+    vision_blocks="model.visual.blocks",
+    vision_groups=QWEN3_VL_VISION_GROUPS,
+    # the deepstack mergers (model.visual.deepstack_merger_list) are under visual: kept in dtype
+    ignore_patterns=("re:.*visual.*", "re:.*lm_head"),
+    vision_quantized_ignore_patterns=("re:.*visual\\.merger.*", "re:.*visual\\.deepstack_merger_list.*",
+                                      "re:.*lm_head"),
+    vision_quantization_unsupported=(
+        "the deepstack mergers read intermediate vision blocks, so the vision blocks' token importance "
+        "needs dL/d(deepstack features) at decoder layers 0-2 as well as dL/dh_0, which the vision pass "
+        "does not compute yet"
+    ),
+    residual_injections=ResidualInjectionArgs(
+        module="model.language_model", positions="visual_pos_masks", values="deepstack_visual_embeds"),
+)
+
 ADAPTERS: tuple[ModelAdapter, ...] = (
     QWEN2_VL,
     # Qwen2.5-VL: the same layout; its vision MLP is gated (and alternates window/full attention)
@@ -178,6 +218,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
         ),
         saved_key_renames=(("vision_tower.", "vision_tower.vision_model."),),
     ),
+    QWEN3_VL,
 )
 
 

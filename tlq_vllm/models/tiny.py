@@ -1,7 +1,7 @@
 """Offline tiny VLMs of real architectures, for tests and benchmarks (`--model fixture:<name>`).
 
 No pretrained VLM can be downloaded on these machines, so each fixture is a real transformers
-architecture (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) at a few million parameters with random,
+architecture (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) at a few million parameters with random,
 seeded weights, a byte-level BPE tokenizer trained locally on easy-vqa's text with the family's
 special tokens and chat template, and the family's image processor. The resulting directory is
 what a user would download from a hub: `AutoModelForImageTextToText`, `AutoProcessor` and
@@ -52,6 +52,11 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL's instruct template: the same turns and placeholders, without a default system prompt.
+QWEN3_VL_CHAT_TEMPLATE = QWEN2_VL_CHAT_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}", "")
+
 LLAVA_ONEVISION_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -94,7 +99,7 @@ class FixtureRecipe:
     """Everything that decides a fixture's files; its hash is the cache key."""
 
     name: str
-    family: str  # "qwen2_vl" | "qwen2_5_vl" | "llava_onevision"
+    family: str  # "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "llava_onevision"
     text: TextDims = field(default_factory=TextDims)
     vision_hidden_size: int = 128
     vision_intermediate_size: int = 512
@@ -122,6 +127,8 @@ FIXTURES: dict[str, FixtureRecipe] = {
         FixtureRecipe("qwen2-vl", "qwen2_vl"),
         FixtureRecipe("qwen2.5-vl", "qwen2_5_vl", vision_intermediate_size=256),
         FixtureRecipe("llava-onevision", "llava_onevision"),
+        # Qwen3-VL: three deepstack levels (vision blocks 0-2 feed decoder layers 0-2), block 3 the merger
+        FixtureRecipe("qwen3-vl", "qwen3_vl", vision_depth=4),
     )
 }
 
@@ -137,6 +144,18 @@ REAL_WIDTH = {
                       text=TextDims(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                     num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
                                     vocab_size=151936, tie_word_embeddings=True)),
+        # The same decoder cut to 4 layers (0.42 B parameters, 0.84 GB bf16): the calibration benchmark's model,
+        # whose time and memory per layer are a real 2B's.
+        FixtureRecipe("qwen2-vl-2b-width-4l", "qwen2_vl",
+                      text=TextDims(hidden_size=1536, intermediate_size=8960, num_hidden_layers=4,
+                                    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                                    vocab_size=151936, tie_word_embeddings=True)),
+        # Qwen2-VL-7B's decoder (config_snapshots/qwen2-vl-7b.json), 2 layers: 1.56 B parameters, 3.1 GB bf16,
+        # of which 1.09 GB are the untied embeddings and lm_head.
+        FixtureRecipe("qwen2-vl-7b-width-2l", "qwen2_vl",
+                      text=TextDims(hidden_size=3584, intermediate_size=18944, num_hidden_layers=2,
+                                    num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                                    vocab_size=152064, tie_word_embeddings=False)),
     )
 }
 
@@ -308,7 +327,52 @@ def make_config(recipe: FixtureRecipe, tokenizer):
             vision_feature_layer=-1,
             architectures=["LlavaOnevisionForConditionalGeneration"],
         )
+    if recipe.family == "qwen3_vl":
+        return qwen3_vl_config(recipe, tokenizer)
     raise ValueError(f"unknown fixture family {recipe.family!r}")
+
+
+# Qwen3-VL at fixture size: the real models' 16-pixel patches, 2x2 merge and deepstack, with three
+# deepstack levels like the real models (transformers' default: vision blocks 8, 16, 24 of 27), here
+# at the first vision blocks.
+QWEN3_VL_DEEPSTACK_LEVELS = 3
+QWEN3_VL_PATCH = 16
+
+
+def qwen3_vl_config(recipe: FixtureRecipe, tokenizer):
+    """Qwen3-VL: a Qwen3 decoder (q/k RMS norms, explicit head_dim, no biases, interleaved M-RoPE)
+    and a ViT with learned positions whose intermediate blocks feed the deepstack mergers."""
+    from transformers import Qwen3VLConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = recipe.text.hidden_size // recipe.text.num_attention_heads
+    unit = head_dim // 32  # Qwen3-VL's [24, 20, 20] of head_dim 128, scaled to this head_dim
+    text_cfg = {
+        **text_config_dict(recipe, tokenizer, mrope=False),
+        "model_type": "qwen3_vl_text",
+        "head_dim": head_dim,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_interleaved": True,
+                            "mrope_section": [6 * unit, 5 * unit, 5 * unit]},
+    }
+    return Qwen3VLConfig(
+        text_config=text_cfg,
+        vision_config={
+            "depth": recipe.vision_depth,
+            "hidden_size": recipe.vision_hidden_size,
+            "intermediate_size": recipe.vision_intermediate_size,
+            "num_heads": recipe.vision_heads,
+            "patch_size": QWEN3_VL_PATCH,
+            "out_hidden_size": recipe.text.hidden_size,
+            "num_position_embeddings": 256,  # a 16 x 16 grid, resampled to each image's
+            "deepstack_visual_indexes": list(range(QWEN3_VL_DEEPSTACK_LEVELS)),
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=recipe.text.tie_word_embeddings,
+        architectures=["Qwen3VLForConditionalGeneration"],
+    )
 
 
 # LLaVA-OneVision at fixture size: 64-pixel SigLIP tiles of 16-pixel patches (16 tokens a tile)
@@ -320,11 +384,15 @@ LLAVA_GRID_PINPOINTS = [[64, 64], [64, 128], [128, 64], [128, 128]]
 # Qwen2-VL image budget: 112x112 to 224x224 pixels, i.e. 16 to 64 image tokens (28-pixel units).
 QWEN_MIN_PIXELS = 112 * 112
 QWEN_MAX_PIXELS = 224 * 224
+# Qwen3-VL's: 128x128 to 256x256 pixels, the same 16 to 64 image tokens (32-pixel units).
+QWEN3_MIN_PIXELS = 128 * 128
+QWEN3_MAX_PIXELS = 256 * 256
 
 
-def make_processor(recipe: FixtureRecipe, tokenizer, *, max_pixels: int = QWEN_MAX_PIXELS):
+def make_processor(recipe: FixtureRecipe, tokenizer, *, max_pixels: int | None = None):
     """The family's real processor (image processor + tokenizer + chat template); `max_pixels`
-    caps Qwen images (the fixtures' 224x224; the scene testbed model takes its 280x280 whole)."""
+    caps Qwen images (None: the fixtures' 224x224, Qwen3-VL's 256x256; the scene testbed model
+    takes its 280x280 whole)."""
     from transformers import (
         LlavaOnevisionImageProcessor,
         LlavaOnevisionProcessor,
@@ -333,16 +401,27 @@ def make_processor(recipe: FixtureRecipe, tokenizer, *, max_pixels: int = QWEN_M
         Qwen2VLImageProcessor,
         Qwen2VLProcessor,
         Qwen2VLVideoProcessor,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
     )
 
     if recipe.family in ("qwen2_vl", "qwen2_5_vl"):
-        size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": max_pixels}
+        size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": max_pixels or QWEN_MAX_PIXELS}
         processor_cls = Qwen2VLProcessor if recipe.family == "qwen2_vl" else Qwen2_5_VLProcessor
         return processor_cls(
             image_processor=Qwen2VLImageProcessor(size=size),
             video_processor=Qwen2VLVideoProcessor(size=size),
             tokenizer=tokenizer,
             chat_template=QWEN2_VL_CHAT_TEMPLATE,
+        )
+    if recipe.family == "qwen3_vl":  # Qwen2-VL's image processor at 16-pixel patches, mean and std 0.5
+        size = {"shortest_edge": QWEN3_MIN_PIXELS, "longest_edge": max_pixels or QWEN3_MAX_PIXELS}
+        pixels = {"patch_size": QWEN3_VL_PATCH, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": size}
+        return Qwen3VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**pixels),
+            video_processor=Qwen3VLVideoProcessor(**pixels),
+            tokenizer=tokenizer,
+            chat_template=QWEN3_VL_CHAT_TEMPLATE,
         )
     tile = {"height": LLAVA_TILE, "width": LLAVA_TILE}
     return LlavaOnevisionProcessor(
