@@ -306,6 +306,31 @@ def test_decoder_linears_left_in_bf16_get_an_ignore_regex(source, tmp_path):
     assert torch.equal(model.state_dict()[kept], src.model.state_dict()[kept])
 
 
+@pytest.mark.parametrize("scheme_name", ["W4A16", "W8A8"])
+def test_dropped_weights_and_released_integers_write_the_same_files(exported, source, tmp_path, scheme_name):
+    """RTN drops each quantized weight (a meta tensor) and export releases each integer tensor once
+    compressed: neither is read for its values, so the files are the same bytes."""
+    import copy
+    import hashlib
+
+    export = exported("qwen2-vl", scheme_name)
+    model = copy.deepcopy(source("qwen2-vl").model)
+    for name in export.quantized:
+        linear = model.get_submodule(name)
+        linear.weight = torch.nn.Parameter(linear.weight.to("meta"), requires_grad=False)
+    quantized = {name: QuantizedLinear(q.qweight.clone(), q.scales) for name, q in export.quantized.items()}
+    write_checkpoint(model, quantized, export.scheme, export.source.adapter, source_dir=export.source.dir,
+                     out_dir=tmp_path, provenance={"method": "rtn", "scheme": scheme_name,
+                                                   "source": str(export.source.dir)}, release_integers=True)
+    assert all(q.qweight.is_meta and q.qweight.shape == export.quantized[n].qweight.shape
+               for n, q in quantized.items())
+
+    def digests(d: Path) -> dict:
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.iterdir())}
+
+    assert digests(tmp_path) == digests(export.dir)
+
+
 def test_bad_input_is_rejected_with_the_reason(source, tmp_path):
     src, scheme = source("qwen2-vl"), SCHEMES["W4A16"]
     name = decoder_linear_names(src.model, src.adapter)[0]

@@ -131,15 +131,22 @@ def write_checkpoint(
     out_dir: Path,
     provenance: dict,
     quantize_vision: bool = False,
+    release_integers: bool = False,
 ) -> None:
     """Writes `model` with the linears of `quantized` compressed into the empty directory `out_dir`.
 
     quantize_vision: the vision blocks are among `quantized` (the ignore list then leaves only the
     projector and lm_head out).
 
+    release_integers: for a caller that needs no `qweight` afterwards: each is replaced by a meta
+    tensor (shape and dtype kept) once compressed, so that the integers are not held twice (int8
+    beside the compressed copy, as large as the int8 for 8-bit schemes and for int-quantized W4A8).
+
     `model` is the transformers model (bf16, CPU) whose other tensors are saved as they are; it
     is not modified: the compressed tensors replace entries of a copy of its state dict (only
-    `save_pretrained` records dtype and architectures in `model.config`, as it always does).
+    `save_pretrained` records dtype and architectures in `model.config`, as it always does). Of a
+    quantized linear only the weight's shape and dtype are read, so it may be a meta tensor
+    (layerwise.rtn_layer(keep_weights=False) drops the weights it has quantized).
     The caller owns atomicity (write to a temporary directory, then rename). A full disk raises
     `DiskFullError` (whatever layer of the writers hit it), so that callers can say so in one line.
 
@@ -188,7 +195,9 @@ def write_checkpoint(
         assert set(compressed) == expected, (name, set(compressed), expected)
         del state_dict[f"{name}.weight"]
         state_dict.update({f"{name}.{key}": tensor for key, tensor in compressed.items()})
-        release_free_heap()  # the float32 weight and compress()'s temporaries
+        if release_integers:
+            q.qweight = q.qweight.to("meta")
+        release_free_heap()  # the float32 weight and compress()'s temporaries (and the released integers)
 
     with _disk_full_as_error(out_dir):
         with _no_progress_bars():
@@ -222,8 +231,7 @@ def _quantized_state(linear: torch.nn.Module, q: QuantizedLinear, scheme: Scheme
     division then returns the integer exactly. (Doing this in bf16, as the model's own weight
     dtype would, loses up to half a step for 8-bit integers.)
     """
-    weight = linear.weight
-    out_features, in_features = weight.shape
+    out_features, in_features = linear.out_features, linear.in_features  # the weight itself may be gone (meta)
     qweight, scales = q.qweight, q.scales
     if qweight.dtype != torch.int8 or tuple(qweight.shape) != (out_features, in_features):
         raise ValueError(
@@ -242,7 +250,7 @@ def _quantized_state(linear: torch.nn.Module, q: QuantizedLinear, scheme: Scheme
         raise ValueError(
             f"scales must be [{out_features}, {groups}] for {scheme.name}, got {list(scales.shape)}"
         )
-    scale = scales.to(weight.dtype)  # [out, groups], as compressed-tensors stores it
+    scale = scales.to(linear.weight.dtype)  # [out, groups], as compressed-tensors stores it
     dense = dequantize(qweight, scale, scheme)  # float32 [out, in], exact
     return {"weight": dense, "weight_scale": scale}
 

@@ -1,4 +1,5 @@
-"""Giving freed host memory back to the operating system between linears.
+"""Host memory that can be given back: weights read into their own buffers, and freed heap pages
+returned to the operating system between linears.
 
 Quantizing one linear allocates float32 temporaries of its size (tens of MiB at 2B width) and
 keeps small results (integers, scales, packed words). glibc serves allocations below its
@@ -14,6 +15,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import json
+from pathlib import Path
+
+import torch
 
 
 @functools.cache
@@ -30,3 +35,35 @@ def release_free_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def safetensors_files(model_ref: str) -> list[Path]:
+    """The weight files `from_pretrained` reads for `model_ref` (a local directory or a hub id):
+    model.safetensors, or the shards model.safetensors.index.json names; [] when there are none."""
+    from transformers.utils import cached_file
+
+    def find(name: str) -> str | None:
+        return cached_file(model_ref, name, _raise_exceptions_for_missing_entries=False)
+
+    index = find("model.safetensors.index.json")
+    if index:
+        shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+        return [Path(find(shard)) for shard in shards]
+    single = find("model.safetensors")
+    return [Path(single)] if single else []
+
+
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors `files`, each read (pread, no memory map) into its own buffer.
+
+    What transformers' memory-mapped load cannot give: the file pages a mapped tensor faults in stay
+    resident for as long as any tensor of the file lives, while a tensor read this way gives its
+    memory back as soon as it is dropped. The whole model is read at once, so this costs the weight
+    bytes up front (a memory-mapped load costs them as the weights are first touched)."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for path in files:
+        with safe_open(path, framework="pt", backend="pread") as f:
+            tensors.update({key: f.get_tensor(key) for key in f.keys()})
+    return tensors

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -233,22 +233,46 @@ def _fp_weights(layer, originals: dict[str, torch.Tensor], quantized: list[torch
             layer.get_submodule(name).weight.data = data
 
 
-def rtn_layer(
-    layer: torch.nn.Module, names: list[str], scheme: Scheme, options: SolverOptions
-) -> dict[str, LinearResult]:
-    """Round-to-nearest for every linear of a layer: no data involved.
+# Weights rounded at once by rtn_layer: each float32 temporary of the rounding is then at most 4 MiB
+# instead of a whole linear's (52 MiB for a Qwen2-VL-2B MLP projection, a few alive at a time).
+RTN_BLOCK_ELEMENTS = 2**20
 
-    The dequantized weight is written into the weight's own memory rather than into a new tensor:
-    a model loaded from safetensors holds its weights in a private memory map of the file, whose
-    pages stay resident once read, so a new tensor per linear would hold the model twice (the
-    read file pages and the new copy) by the end of the run; written in place, each page is
-    copied once (copy-on-write; the file is not modified)."""
+
+def rtn_layer(
+    layer: torch.nn.Module, names: list[str], scheme: Scheme, options: SolverOptions, *, keep_weights: bool = True
+) -> dict[str, LinearResult]:
+    """Round-to-nearest for every linear of a layer: no data involved. Rows are independent (scales
+    per row and group), so each weight is rounded a block of rows at a time (RTN_BLOCK_ELEMENTS).
+
+    keep_weights: the dequantized weight is written into the weight's own memory rather than into a
+    new tensor: a model loaded from safetensors holds its weights in a private memory map of the
+    file, whose pages stay resident once read, so a new tensor per linear would hold the model twice
+    (the read file pages and the new copy) by the end of the run; written in place, each page is
+    copied once (copy-on-write; the file is not modified).
+
+    keep_weights=False, for a model that is only exported afterwards (export reads the integers and
+    scales, never the weight's values): each weight is dropped once quantized, so that with weights
+    read into memory of their own (pipeline.load_model(weights_in_memory=True)) the layer ends up
+    holding the integers instead of the bf16 weights. The weight becomes a meta tensor of its shape
+    and dtype: the module still describes itself, and anything that would compute with it fails."""
     dtype = next(layer.parameters()).dtype
     results = {}
     for name in names:
         linear = layer.get_submodule(name)
-        result = quantize_linear(linear.weight, None, scheme, options, dtype)
-        linear.weight.data.copy_(dequantize(result.qweight, result.scales, scheme, dtype))
-        results[name] = result
-        release_free_heap()  # this linear's float32 temporaries
+        weight = linear.weight.detach()
+        if not keep_weights:
+            linear.weight = torch.nn.Parameter(weight.to("meta"), requires_grad=False)
+        blocks = []
+        for rows in weight.split(max(1, RTN_BLOCK_ELEMENTS // weight.shape[1])):
+            block = quantize_linear(rows, None, scheme, options, dtype)
+            if keep_weights:
+                rows.copy_(dequantize(block.qweight, block.scales, scheme, dtype))
+            blocks.append(block)
+            release_free_heap()  # this block's float32 temporaries
+        del weight, rows  # the last reference to a dropped weight
+        results[name] = replace(
+            blocks[0], qweight=torch.cat([b.qweight for b in blocks]), scales=torch.cat([b.scales for b in blocks])
+        )
+        del blocks
+        release_free_heap()  # the blocks' integers, now concatenated
     return results

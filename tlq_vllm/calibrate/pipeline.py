@@ -28,7 +28,9 @@ from tlq_vllm.calibrate.context import RunContext, RunLog, target_linears
 from tlq_vllm.calibrate.data import DataError, Fields, build_sample, dataset_hash, load_records, open_image
 from tlq_vllm.calibrate.distributed import init_from_env
 from tlq_vllm.calibrate.export import DiskFullError, write_checkpoint
+from tlq_vllm.calibrate.hostmem import read_tensors, safetensors_files
 from tlq_vllm.calibrate.layerwise import LinearResult, rtn_layer
+from tlq_vllm.calibrate.methods import get_method
 from tlq_vllm.calibrate.quantizer import dequantize
 from tlq_vllm.calibrate.schemes import Scheme
 from tlq_vllm.calibrate.smoothquant import fold_smoothing, smoothing_scales
@@ -63,9 +65,13 @@ def resolve_model(name: str) -> str:
         raise ConfigError(str(err)) from None
 
 
-def load_model(model_ref: str, config: CalibrationConfig):
-    """Config first (cheap: the architecture check and shape checks need nothing else)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+def load_model(model_ref: str, config: CalibrationConfig, *, weights_in_memory: bool = False):
+    """Config first (cheap: the architecture check and shape checks need nothing else).
+
+    weights_in_memory: read the safetensors weights into memory of their own (hostmem.read_tensors)
+    instead of transformers' memory map, so that a run that drops each weight once it is quantized
+    (RTN, which needs no forward pass) gives that memory back; the model is the same, bit for bit."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
     local = Path(model_ref).is_dir()
     if not local and (model_ref.startswith((".", "/")) or Path(model_ref).exists()):
@@ -84,12 +90,22 @@ def load_model(model_ref: str, config: CalibrationConfig):
             f"model {model_ref} has no .safetensors weights; loading pickle (.bin) weights runs code "
             "from the file: pass --allow-pickle if you trust it"
         )
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_ref,
-        dtype="auto",
-        trust_remote_code=config.trust_remote_code,
-        use_safetensors=None if config.allow_pickle else True,
-    )
+    files = safetensors_files(model_ref) if weights_in_memory else []
+    if files and type(hf_config) in AutoModelForImageTextToText._model_mapping:  # not remote code, not pickle
+        try:  # what from_pretrained(model_ref) reads besides the weights
+            generation_config = GenerationConfig.from_pretrained(model_ref)
+        except OSError:
+            generation_config = None  # the model's default, from its config
+        model = AutoModelForImageTextToText._model_mapping[type(hf_config)].from_pretrained(
+            None, config=hf_config, state_dict=read_tensors(files), generation_config=generation_config, dtype="auto"
+        )
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_ref,
+            dtype="auto",
+            trust_remote_code=config.trust_remote_code,
+            use_safetensors=None if config.allow_pickle else True,
+        )
     model.eval()
     model.requires_grad_(False)
     processor = AutoProcessor.from_pretrained(model_ref, trust_remote_code=config.trust_remote_code)
@@ -222,7 +238,8 @@ def run(config: CalibrationConfig) -> Path:
     model_ref = resolve_model(config.model)
 
     with staged_output(out_dir, config.overwrite) if dist.is_main else contextlib.nullcontext() as staging:
-        model, processor, adapter = load_model(model_ref, config)
+        model, processor, adapter = load_model(
+            model_ref, config, weights_in_memory=not get_method(config.method).needs_data(config.smoothquant_alpha))
         ctx = RunContext.build(config, model, processor, adapter, device, dist, log)
         check_shapes(model, adapter, ctx.scheme)
         if ctx.quantize_vision and adapter.vision_quantization_unsupported:
@@ -246,8 +263,8 @@ def run(config: CalibrationConfig) -> Path:
         records, samples, provenance_extra = [], [], {}
         vision_results: dict[int, dict[str, LinearResult]] = {}
         try:
-            if not ctx.needs_data:
-                results = {l: rtn_layer(layer, ctx.linear_names, ctx.scheme, ctx.solver)
+            if not ctx.needs_data:  # the model is exported, never run: each weight is dropped once quantized
+                results = {l: rtn_layer(layer, ctx.linear_names, ctx.scheme, ctx.solver, keep_weights=False)
                            for l, layer in enumerate(tqdm(ctx.layers, desc="rtn", disable=not ctx.progress))}
                 if ctx.quantize_vision:
                     vision_results = calibrate_vision(ctx, [], None)
@@ -409,6 +426,7 @@ def export(ctx: RunContext, results, vision_results, model_ref, staging: Path, p
         out_dir=staging,
         provenance=provenance,
         quantize_vision=bool(vision_results),
+        release_integers=True,  # the run reads only the results' errors afterwards
     )
 
 
