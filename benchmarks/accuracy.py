@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
+from tlq_vllm.calibrate.methods import METHOD_NAMES, TOKEN, get_method
 
 REPO = Path(__file__).resolve().parent.parent
 TOYVLM = REPO / "tlq_vllm" / "assets" / "toyvlm-easyvqa"
@@ -47,16 +48,21 @@ class Variant:
     peer: bool = False
 
     def applies_to(self, scheme: str) -> bool:
-        return self.method != "smoothquant" or scheme in A8_SCHEMES
+        """SmoothQuant migrates activation outliers into weights: only useful when activations are quantized."""
+        return get_method(self.method).smoothquant_alpha is None or scheme in A8_SCHEMES
+
+    @property
+    def token_level(self) -> bool:
+        """The plain token-importance method (TLQ), whose importance statistics the report plots."""
+        return not self.peer and not self.options and get_method(self.method).token_weights == TOKEN
+
+    @property
+    def deterministic(self) -> bool:
+        """No samples, so no seed changes its checkpoint: one run is enough."""
+        return not self.peer and not get_method(self.method).needs_data(self.options.get("smoothquant_alpha"))
 
 
-METHOD_VARIANTS = {
-    "rtn": Variant("rtn", "rtn"),
-    "gptq": Variant("gptq", "gptq"),
-    "mbq": Variant("mbq", "mbq"),
-    "smoothquant": Variant("smoothquant", "smoothquant"),
-    "tlq": Variant("tlq", "tlq"),
-}
+METHOD_VARIANTS = {name: Variant(name, name) for name in METHOD_NAMES}
 ABLATIONS = [
     Variant("tlq: no exposure", "tlq", {"exposure": False}),
     Variant("tlq: no token selection (rho=1)", "tlq", {"rho": 1.0}),
@@ -121,7 +127,7 @@ def plan(args) -> list[tuple[Variant, str, int]]:
         for name in args.methods:
             variant = METHOD_VARIANTS[name]
             if variant.applies_to(scheme):
-                runs += [(variant, scheme, s) for s in (args.seeds[:1] if name == "rtn" else args.seeds)]
+                runs += [(variant, scheme, s) for s in (args.seeds[:1] if variant.deterministic else args.seeds)]
         if args.peer and scheme in args.peer_schemes:
             runs += [(PEER, scheme, s) for s in args.seeds]
     if args.ablation_scheme:
@@ -247,7 +253,7 @@ def run_worker(args) -> None:
         seconds = round(time.time() - t0, 1)
         metrics, _, _ = evaluate_hf(checkpoint, encoded, reference=fp_log_probs, progress=False)
         record = {"variant": variant.label, "scheme": scheme, "seed": seed, "calibration_seconds": seconds, **metrics}
-        if variant.label == "tlq" and scheme == args.schemes[0] and seed == args.seeds[0]:
+        if variant.token_level and scheme == args.schemes[0] and seed == args.seeds[0]:
             record["importance"] = {"scheme": scheme, "seed": seed, "per_layer_raw": tlq_importance(checkpoint)}
         records.append(record)
         print(f"[{n}/{total}] {variant.label:32s} {scheme} seed {seed}: accuracy {metrics['accuracy']:.4f}, "

@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 PEER = "llmcompressor-gptq"
 PEER_PYTHON = REPO / ".venv-llmc" / "bin" / "python"
 PEER_SCRIPT = REPO / "benchmarks" / "peers" / "llmcompressor_gptq.py"
+TEXT_TOKENS = 64  # a bound on a scene sample's text: chat template, question and answer
 DEFAULT = {"model": "fixture:qwen2-vl-2b-width-4l", "num_samples": 128, "image_size": 448,
            "methods": f"rtn,gptq,tlq,{PEER}", "scheme": "W4A16"}
 QUICK = {"model": "fixture:qwen2-vl", "num_samples": 4, "image_size": 112, "methods": "rtn,gptq,tlq"}
@@ -148,6 +149,27 @@ def stage_seconds(events: list[dict], started: float) -> dict[str, float]:
     return out
 
 
+def data_tokens(events: list[dict]) -> dict | None:
+    """Tokens the calibrator actually built from the samples (its "data" event): what the model's
+    processor made of the images, which can be fewer vision tokens than --image-size implies."""
+    for e in events:
+        if e["event"] == "data" and "tokens" in e:
+            return {"samples": e["samples"], "tokens": e["tokens"], "vision_tokens": e["vision_tokens"]}
+    return None
+
+
+def data_facts(args, model: Path, runs: list[dict]) -> dict:
+    """The data block of the report; vision tokens per image as measured by the first run that built
+    samples (the planner's geometry otherwise)."""
+    facts = {"source": "scenes:calibration", "num_samples": args.num_samples, "image_size": args.image_size,
+             "vision_tokens_per_image": max_tokens(model, args.image_size) - TEXT_TOKENS, "measured": False}
+    built = next((r["data"] for r in runs if r.get("data")), None)
+    if built:
+        facts.update(tokens=built["tokens"], vision_tokens_per_image=round(built["vision_tokens"] / built["samples"]),
+                     measured=True)
+    return facts
+
+
 def predicted_host_peak(model: Path, data: Path, method: str, args) -> dict:
     """The planner's host peak (`--plan`) for these options, on this machine's calibration device."""
     import torch
@@ -172,7 +194,7 @@ def max_tokens(model: Path, image_size: int) -> int:
     vision = config.get("vision_config", {})
     patch, merge = vision.get("patch_size", 14), vision.get("spatial_merge_size", 2)
     side = image_size // (patch * merge)
-    return side * side + 64
+    return side * side + TEXT_TOKENS
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -204,6 +226,8 @@ def run(args: argparse.Namespace) -> dict:
         elif method != PEER:
             events = [json.loads(line) for line in log_json.read_text().splitlines() if line.strip()]
             entry["stages_s"] = stage_seconds(events, started)
+            if built := data_tokens(events):
+                entry["data"] = built
             entry["planned"] = predicted_host_peak(model, data, method, args)
         print(f"  {method}: {entry.get('wall_s')} s, peak RSS {entry.get('peak_rss_mib')} MiB", flush=True)
         runs.append(entry)
@@ -216,8 +240,7 @@ def run(args: argparse.Namespace) -> dict:
                     "platform": platform.platform()},
         "versions": common.versions(("torch", "transformers", "compressed-tensors", "llmcompressor")),
         "model": {"name": args.model, "parameters": size["tensor_elements"], "weight_bytes": size["weight_bytes"]},
-        "data": {"source": "scenes:calibration", "num_samples": args.num_samples, "image_size": args.image_size,
-                 "vision_tokens_per_image": max_tokens(model, args.image_size) - 64},
+        "data": data_facts(args, model, runs),
         "runs": runs,
     }
 

@@ -57,6 +57,12 @@ def params(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
+def vision_tokens(data: dict) -> str:
+    if not data.get("measured"):
+        return f"about {data['vision_tokens_per_image']} vision tokens each, from the image size"
+    return f"{data['vision_tokens_per_image']} vision tokens each, {data['tokens']} tokens in all"
+
+
 def facts_paragraph(report: dict) -> str:
     m, model, data = report["machine"], report["model"], report["data"]
     words = [
@@ -64,8 +70,8 @@ def facts_paragraph(report: dict) -> str:
         f"{describe_isa(m.get('isa_flags'))}; load average {m.get('loadavg_start')} at the start), one run after "
         f"another. Model {model['name']}: {params(model['parameters'])} parameters, "
         f"{model['weight_bytes'] / 2**30:.2f} GiB of weights. Data: {data['num_samples']} scene images at "
-        f"{data['image_size']} px ({data['vision_tokens_per_image']} vision tokens each) with their questions and "
-        "answers, the same JSONL for every run."
+        f"{data['image_size']} px ({vision_tokens(data)}) with their questions and answers, the same JSONL for "
+        "every run."
     ]
     peer = peer_run(report)
     if peer is None:

@@ -31,3 +31,21 @@ def sample_image():
     from PIL import Image
 
     return Image.open(easy_vqa.get_train_image_paths()[0]).convert("RGB")
+
+
+@pytest.fixture
+def captured_linear_inputs(monkeypatch):
+    """Every (first linear of the group, its input [T, in]) that the layer-wise calibration captures
+    during the test, in order: what the calibrator's statistics were computed from."""
+    import tlq_vllm.calibrate.layerwise as layerwise
+
+    seen = []
+    original = layerwise.capture_linear_inputs
+
+    def spy(layer, names, hidden, kwargs):
+        x = original(layer, names, hidden, kwargs)
+        seen.append((names[0], x.clone()))
+        return x
+
+    monkeypatch.setattr(layerwise, "capture_linear_inputs", spy)
+    return seen

@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-import tlq_vllm.calibrate.layerwise as layerwise
 import tlq_vllm.calibrate.pipeline as run_module
 import tlq_vllm.calibrate.stack as stack_module  # the layer-stack loop calls calibrate_layer
 from tlq_vllm.calibrate import CalibrationConfig, run
@@ -59,18 +58,10 @@ def test_every_method_writes_a_checkpoint_transformers_loads(tmp_path, method, s
         assert len(means) == 4 and all(m["answer"] > 0 for m in means)
 
 
-def test_layer_statistics_come_from_the_quantized_path(tmp_path, monkeypatch):
+def test_layer_statistics_come_from_the_quantized_path(tmp_path, captured_linear_inputs):
     """Layer 1's q/k/v inputs seen by the calibrator equal what the exported (quantized) model
     feeds that linear in transformers, and differ clearly from the FP model's."""
-    seen = []
-    original = layerwise.capture_linear_inputs
-
-    def spy(layer, names, hidden, kwargs):
-        x = original(layer, names, hidden, kwargs)
-        seen.append((names[0], x.clone()))
-        return x
-
-    monkeypatch.setattr(layerwise, "capture_linear_inputs", spy)
+    seen = captured_linear_inputs
     out = calibrate(tmp_path, method="gptq", num_samples=1)
     calibrated_x = [x for name, x in seen if name == "self_attn.q_proj"][1]  # layer 1, the one sample
 

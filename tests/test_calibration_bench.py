@@ -57,5 +57,6 @@ def test_quick_run_measures_every_method(tmp_path):
         assert r["planned"]["host_peak_mib"] > 0
     assert "layers" in report["runs"][1]["stages_s"]  # GPTQ logs its layers; RTN's quantization counts as export
     assert report["data"]["vision_tokens_per_image"] == 16  # 112 px / 28 px per merged token, squared
+    assert report["data"]["measured"] and report["data"]["tokens"] == report["runs"][1]["data"]["tokens"] > 32
     assert (tmp_path / "results" / "CALIBRATION.md").read_text().startswith("# Calibration time and memory")
     assert (tmp_path / "results" / "calibration.png").stat().st_size > 1000

@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-import tlq_vllm.calibrate.layerwise as layerwise
 from tests.test_importance import whole_model_gradients
 from tlq_vllm.calibrate import CalibrationConfig, run
 from tlq_vllm.calibrate.cli import main
@@ -102,18 +101,10 @@ def test_importance_pass_matches_whole_model_autograd():
                 torch.testing.assert_close(raw[l][name][s], expected, rtol=1e-4, atol=1e-6 * float(expected.max()))
 
 
-def test_layer_statistics_include_the_deepstack_features(tmp_path, monkeypatch):
+def test_layer_statistics_include_the_deepstack_features(tmp_path, captured_linear_inputs):
     """What the stack loop feeds layers 1-3 (after deepstack adds at layers 0-2) is what the exported
     quantized model feeds them in transformers."""
-    seen = []
-    original = layerwise.capture_linear_inputs
-
-    def spy(layer, names, hidden, kwargs):
-        x = original(layer, names, hidden, kwargs)
-        seen.append((names[0], x.clone()))
-        return x
-
-    monkeypatch.setattr(layerwise, "capture_linear_inputs", spy)
+    seen = captured_linear_inputs
     out = run(CalibrationConfig(model="fixture:qwen3-vl", method="gptq", num_samples=1, progress=False, seed=0,
                                 output=str(tmp_path / "out")))
     calibrated = [x for name, x in seen if name == "self_attn.q_proj"]  # one per layer, the one sample

@@ -42,6 +42,8 @@ COMMANDS = {
     "make bench-accuracy": "not here as a test: a benchmark (about 30 min); its quick matrix is tests/test_eval.py",
     "make bench-serving": "not here as a test: a benchmark; its --quick run is tests/test_serving_bench.py",
     "make bench-kernels": "not here as a test: a benchmark; a reduced CPU run is tests/test_kernels_bench.py",
+    "make bench-calibration": "not here as a test: a benchmark (tens of minutes); its --quick run is "
+    "tests/test_calibration_bench.py",
     "python -m venv .venv-gpu && . .venv-gpu/bin/activate": "not here: the CUDA install (a GPU machine)",
     'pip install -e ".[gpu,dev]"': "not here: the CUDA install (a GPU machine)",
 }

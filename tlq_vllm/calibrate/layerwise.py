@@ -20,6 +20,7 @@ import torch
 from tlq_vllm.calibrate.distributed import SINGLE, Dist
 from tlq_vllm.calibrate.gptq import HessianAccumulator, gptq_quantize
 from tlq_vllm.calibrate.hostmem import release_free_heap
+from tlq_vllm.calibrate.methods import GPTQ, RTN
 from tlq_vllm.calibrate.quantizer import (
     DEFAULT_CLIP_RATIOS,
     QuantizedLinear,
@@ -45,7 +46,7 @@ class LinearResult(QuantizedLinear):
 
 @dataclass(frozen=True)
 class SolverOptions:
-    solver: str = "gptq"  # "gptq" | "rtn"
+    solver: str = GPTQ  # methods.GPTQ | methods.RTN
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
@@ -85,7 +86,7 @@ def quantize_linear(
     """Solves one linear: GPTQ on H, or RTN (no data). Scales are rounded to the model dtype,
     the dtype the checkpoint and kernel hold them in, so the integers fit the real scales."""
     w = weight.detach().float()
-    if hessian is None or options.solver == "rtn":
+    if hessian is None or options.solver == RTN:
         diag = torch.diagonal(hessian).clamp_min(0) if hessian is not None else None
         clip = DEFAULT_CLIP_RATIOS if options.clip_search else None
         scales = compute_scales(w, scheme, clip_ratios=clip, hessian_diag=diag, scale_dtype=scale_dtype)

@@ -25,7 +25,15 @@ from tqdm.auto import tqdm
 from tlq_vllm import __version__
 from tlq_vllm.calibrate.config import CalibrationConfig, ConfigError
 from tlq_vllm.calibrate.context import RunContext, RunLog, target_linears
-from tlq_vllm.calibrate.data import DataError, Fields, build_sample, dataset_hash, load_records, open_image
+from tlq_vllm.calibrate.data import (
+    ROLE_VISION,
+    DataError,
+    Fields,
+    build_sample,
+    dataset_hash,
+    load_records,
+    open_image,
+)
 from tlq_vllm.calibrate.distributed import init_from_env
 from tlq_vllm.calibrate.export import DiskFullError, write_checkpoint
 from tlq_vllm.calibrate.hostmem import read_tensors, safetensors_files
@@ -331,6 +339,8 @@ def prepare_samples(model, processor, config: CalibrationConfig, log: RunLog):
         + (f" ({too_long} longer than --max-seq-len skipped)" if too_long else ""),
         samples=len(samples),
         skipped=too_long,
+        tokens=sum(s.num_tokens for s in samples),
+        vision_tokens=sum(int((s.roles == ROLE_VISION).sum()) for s in samples),
     )
     return records, samples
 

@@ -107,6 +107,7 @@ class FixtureRecipe:
     vision_heads: int = 2
     tokenizer_vocab_size: int = 1024
     seed: int = 0
+    max_pixels: int | None = None  # the processor's image cap (None: the fixtures' small one, make_processor)
 
     def cache_key(self) -> str:
         import tokenizers
@@ -134,7 +135,10 @@ FIXTURES: dict[str, FixtureRecipe] = {
 
 
 # Random-weight models at a real model's width, for benchmarks that must be bound by weight bytes
-# (serving, calibration speed): not in FIXTURES, so tests never build them by accident.
+# (serving, calibration speed): not in FIXTURES, so tests never build them by accident. Their processor
+# takes images as large as the real model's does (Qwen2-VL's preprocessor_config.json: max_pixels), so
+# a 448x448 image gives the 256 vision tokens it gives a real Qwen2-VL.
+QWEN2_VL_MAX_PIXELS = 12845056
 REAL_WIDTH = {
     r.name: r
     for r in (
@@ -143,19 +147,22 @@ REAL_WIDTH = {
         FixtureRecipe("qwen2-vl-2b-width", "qwen2_vl",
                       text=TextDims(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                     num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                                    vocab_size=151936, tie_word_embeddings=True)),
+                                    vocab_size=151936, tie_word_embeddings=True),
+                      max_pixels=QWEN2_VL_MAX_PIXELS),
         # The same decoder cut to 4 layers (0.42 B parameters, 0.84 GB bf16): the calibration benchmark's model,
         # whose time and memory per layer are a real 2B's.
         FixtureRecipe("qwen2-vl-2b-width-4l", "qwen2_vl",
                       text=TextDims(hidden_size=1536, intermediate_size=8960, num_hidden_layers=4,
                                     num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                                    vocab_size=151936, tie_word_embeddings=True)),
+                                    vocab_size=151936, tie_word_embeddings=True),
+                      max_pixels=QWEN2_VL_MAX_PIXELS),
         # Qwen2-VL-7B's decoder (config_snapshots/qwen2-vl-7b.json), 2 layers: 1.56 B parameters, 3.1 GB bf16,
         # of which 1.09 GB are the untied embeddings and lm_head.
         FixtureRecipe("qwen2-vl-7b-width-2l", "qwen2_vl",
                       text=TextDims(hidden_size=3584, intermediate_size=18944, num_hidden_layers=2,
                                     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                                    vocab_size=152064, tie_word_embeddings=False)),
+                                    vocab_size=152064, tie_word_embeddings=False),
+                      max_pixels=QWEN2_VL_MAX_PIXELS),
     )
 }
 
@@ -208,7 +215,7 @@ def write_fixture(recipe: FixtureRecipe, out_dir: Path) -> None:
     )
     model.save_pretrained(out_dir)
     rename_saved_keys(out_dir, adapter_for_model_type(config.model_type))
-    make_processor(recipe, tokenizer).save_pretrained(out_dir)
+    make_processor(recipe, tokenizer, max_pixels=recipe.max_pixels).save_pretrained(out_dir)
 
 
 def easy_vqa_corpus() -> list[str]:
