@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 PEER = "llmcompressor-gptq"
 PEER_PYTHON = REPO / ".venv-llmc" / "bin" / "python"
 PEER_SCRIPT = REPO / "benchmarks" / "peers" / "llmcompressor_gptq.py"
-TEXT_TOKENS = 64  # a bound on a scene sample's text: chat template, question and answer
+TEXT_TOKENS = 64  # about a scene sample's text (chat template, question, answer; 66 on average, measured)
 DEFAULT = {"model": "fixture:qwen2-vl-2b-width-4l", "num_samples": 128, "image_size": 448,
            "methods": f"rtn,gptq,tlq,{PEER}", "scheme": "W4A16"}
 QUICK = {"model": "fixture:qwen2-vl", "num_samples": 4, "image_size": 112, "methods": "rtn,gptq,tlq"}
@@ -189,7 +189,7 @@ def predicted_host_peak(model: Path, data: Path, method: str, args) -> dict:
 
 def max_tokens(model: Path, image_size: int) -> int:
     """Tokens of one sample: the image's vision tokens plus the text around them (chat template,
-    question, answer: under 64 tokens for the scenes)."""
+    question, answer: about 64 tokens for the scenes), the max_seq_len the planner is asked about."""
     config = json.loads((model / "config.json").read_text())
     vision = config.get("vision_config", {})
     patch, merge = vision.get("patch_size", 14), vision.get("spatial_merge_size", 2)
