@@ -1,7 +1,9 @@
 """One loop over a stack of blocks (the decoder layers, or the vision blocks): each block visits the
 device, is calibrated on the quantized inference path (layerwise.calibrate_layer: its linear groups
 in execution order), and then the samples' hidden states are pushed through the quantized block
-(with the kernel's activation fake-quantisation) to become the next block's inputs.
+(with the kernel's activation fake-quantisation) to become the next block's inputs; the last
+block's outputs are not computed, since nothing reads them (on a 2B-width decoder of 4 layers,
+32 samples, that forward was 55 s of a 747 s GPTQ run on a 2-core AVX2 CPU).
 
 What differs between the stacks is passed in: per-block keyword arguments, token sets, what the
 model adds to the stream after each block (Qwen3-VL's deepstack, streaming.after_layer), an optional
@@ -66,10 +68,11 @@ def calibrate_stack(
     fp_injections = injections if fp_injections is None else fp_injections
     for b in tqdm(range(len(blocks)), desc=f"calibrate {label}s", disable=not ctx.progress):
         block, block_kwargs = blocks[b], kwargs[b]
+        last = b == len(blocks) - 1  # no block reads its outputs: a whole forward of the stack saved
         with on_device(block, device):
             t0 = time.time()
             next_fp = run_layer(block, fp_hiddens, block_kwargs, device, fp_injections, b) \
-                if fp_hiddens is not None else None
+                if fp_hiddens is not None and not last else None
             if before_block is not None:
                 before_block(block, hiddens, block_kwargs)
             if b in finished:
@@ -89,7 +92,8 @@ def calibrate_stack(
                     f"({time.time() - t0:.1f}s)" + (f"; RTN fallback in {fallbacks}" if fallbacks else ""),
                     **{key: b}, error_rtn=before, error=after, seconds=time.time() - t0, fallback=fallbacks,
                 )
-            with activation_fake_quant([block.get_submodule(n) for n in names], scheme):
-                hiddens = run_layer(block, hiddens, block_kwargs, device, injections, b)
+            if not last:
+                with activation_fake_quant([block.get_submodule(n) for n in names], scheme):
+                    hiddens = run_layer(block, hiddens, block_kwargs, device, injections, b)
             fp_hiddens = next_fp
     return results
