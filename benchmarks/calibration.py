@@ -162,7 +162,7 @@ def data_facts(args, model: Path, runs: list[dict]) -> dict:
     """The data block of the report; vision tokens per image as measured by the first run that built
     samples (the planner's geometry otherwise)."""
     facts = {"source": "scenes:calibration", "num_samples": args.num_samples, "image_size": args.image_size,
-             "vision_tokens_per_image": max_tokens(model, args.image_size) - TEXT_TOKENS, "measured": False}
+             "vision_tokens_per_image": vision_tokens_for(model, args.image_size), "measured": False}
     built = next((r["data"] for r in runs if r.get("data")), None)
     if built:
         facts.update(tokens=built["tokens"], vision_tokens_per_image=round(built["vision_tokens"] / built["samples"]),
@@ -187,14 +187,20 @@ def predicted_host_peak(model: Path, data: Path, method: str, args) -> dict:
     return {"host_peak_mib": round(peak.host_bytes / 2**20, 1), "stage": peak.stage}
 
 
-def max_tokens(model: Path, image_size: int) -> int:
-    """Tokens of one sample: the image's vision tokens plus the text around them (chat template,
-    question, answer: about 64 tokens for the scenes), the max_seq_len the planner is asked about."""
+def vision_tokens_for(model: Path, image_size: int) -> int:
+    """Vision tokens of a square image from the model's patch and merge sizes (if its processor does
+    not shrink the image)."""
     config = json.loads((model / "config.json").read_text())
     vision = config.get("vision_config", {})
     patch, merge = vision.get("patch_size", 14), vision.get("spatial_merge_size", 2)
     side = image_size // (patch * merge)
-    return side * side + TEXT_TOKENS
+    return side * side
+
+
+def max_tokens(model: Path, image_size: int) -> int:
+    """Tokens of one sample: the image's vision tokens plus the text around them (chat template,
+    question, answer: about 64 tokens for the scenes), the max_seq_len the planner is asked about."""
+    return vision_tokens_for(model, image_size) + TEXT_TOKENS
 
 
 def run(args: argparse.Namespace) -> dict:

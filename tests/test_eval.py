@@ -91,6 +91,7 @@ def test_plan_runs_rtn_once_smoothquant_only_for_a8_and_ablations_on_their_schem
     labels = [(v.label, scheme, seed) for v, scheme, seed in runs]
     assert [x for x in labels if x[0] == "rtn"] == [("rtn", "W4A16", 0), ("rtn", "W8A8", 0)]
     assert {x[1] for x in labels if x[0] == "smoothquant"} == {"W8A8"}
+    assert [x[2] for x in labels if x[0] == "smoothquant"] == [0, 1, 2]  # it fits its smoothing on data: every seed
     assert len([x for x in labels if x[0].startswith("tlq:")]) == 3 * len(ABLATIONS)
     assert len(labels) == len(set(labels))
 

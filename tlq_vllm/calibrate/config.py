@@ -109,7 +109,7 @@ class CalibrationConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        alpha = method.smoothquant_alpha if self.smoothquant_alpha is None else self.smoothquant_alpha
+        alpha = method.smoothing_alpha(self.smoothquant_alpha)
         if alpha is not None:
             if not scheme.quantizes_activations:
                 raise ConfigError(

@@ -37,9 +37,14 @@ class Method:
         """Whether the block-wise backward pass (gradient importance) runs."""
         return self.token_weights != UNIFORM
 
+    def smoothing_alpha(self, requested: float | None) -> float | None:
+        """The SmoothQuant strength a run uses: --smoothquant-alpha when given, else the method's own."""
+        return self.smoothquant_alpha if requested is None else requested
+
     def needs_data(self, smoothquant_alpha: float | None) -> bool:
-        """Whether calibration samples are needed at all (RTN alone needs only the weights)."""
-        return self.solver != RTN or self.needs_gradients or smoothquant_alpha is not None
+        """Whether calibration samples are needed at all (RTN alone needs only the weights);
+        smoothquant_alpha is the requested strength (None: the method's own)."""
+        return self.solver != RTN or self.needs_gradients or self.smoothing_alpha(smoothquant_alpha) is not None
 
 
 METHODS: dict[str, Method] = {

@@ -333,13 +333,14 @@ def prepare_samples(model, processor, config: CalibrationConfig, log: RunLog):
         raise DataError(
             f"every sample is longer than --max-seq-len {config.max_seq_len}; raise it or lower --max-pixels"
         )
+    tokens = sum(s.num_tokens for s in samples)
     log.event(
         "data",
-        f"data: {len(samples)} samples, {sum(s.num_tokens for s in samples)} tokens"
+        f"data: {len(samples)} samples, {tokens} tokens"
         + (f" ({too_long} longer than --max-seq-len skipped)" if too_long else ""),
         samples=len(samples),
         skipped=too_long,
-        tokens=sum(s.num_tokens for s in samples),
+        tokens=tokens,
         vision_tokens=sum(int((s.roles == ROLE_VISION).sum()) for s in samples),
     )
     return records, samples

@@ -372,8 +372,7 @@ def peaks(
     S = math.ceil(num_samples / nproc)
     b, L, H = d.dtype_bytes, d.layers, d.hidden
     bits, group = scheme.weight_bits, scheme.group_size
-    alpha = calibration.smoothquant_alpha if config.smoothquant_alpha is None else config.smoothquant_alpha
-    uses_data = calibration.needs_data(alpha)  # RTN with --smoothquant-alpha catches data
+    uses_data = calibration.needs_data(config.smoothquant_alpha)  # RTN with --smoothquant-alpha catches data
     uses_importance = calibration.needs_gradients
 
     weights = d.total_params * b
