@@ -58,11 +58,14 @@ def test_every_method_writes_a_checkpoint_transformers_loads(tmp_path, method, s
         assert len(means) == 4 and all(m["answer"] > 0 for m in means)
 
 
-def test_layer_statistics_come_from_the_quantized_path(tmp_path, captured_linear_inputs):
+@pytest.mark.parametrize("compute_dtype", ["model", "float32"])
+def test_layer_statistics_come_from_the_quantized_path(tmp_path, captured_linear_inputs, compute_dtype):
     """Layer 1's q/k/v inputs seen by the calibrator equal what the exported (quantized) model
-    feeds that linear in transformers, and differ clearly from the FP model's."""
+    feeds that linear in transformers, bit for bit with model-dtype forwards, and differ clearly
+    from the FP model's. With float32 forwards the gap to transformers' bf16 path is bf16 rounding:
+    well under the quantization's effect."""
     seen = captured_linear_inputs
-    out = calibrate(tmp_path, method="gptq", num_samples=1)
+    out = calibrate(tmp_path, method="gptq", num_samples=1, compute_dtype=compute_dtype)
     calibrated_x = [x for name, x in seen if name == "self_attn.q_proj"][1]  # layer 1, the one sample
 
     def q_proj_input(model_dir, inputs, quantized):
@@ -85,8 +88,11 @@ def test_layer_statistics_come_from_the_quantized_path(tmp_path, captured_linear
     fp_x = q_proj_input(fixture, inputs, quantized=False)
     gap_to_quantized = (calibrated_x - quantized_x).abs().max()
     gap_to_fp = (calibrated_x - fp_x).abs().max()
-    assert gap_to_quantized < 1e-6 * max(1.0, float(quantized_x.abs().max()))
-    assert gap_to_fp > 1e-3
+    if compute_dtype == "model":
+        assert gap_to_quantized < 1e-6 * max(1.0, float(quantized_x.abs().max()))
+        assert gap_to_fp > 1e-3
+    else:  # float32 inside the layers: bf16's rounding steps are not taken (measured: 16% of the FP gap)
+        assert (calibrated_x - quantized_x).norm() < 0.3 * (fp_x - quantized_x).norm()
 
 
 def test_same_seed_same_files(tmp_path):

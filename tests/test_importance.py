@@ -155,7 +155,7 @@ def test_tlq_weights_reach_the_pipelines_hessian(tmp_path, monkeypatch):
     solve = layerwise.quantize_linear
     monkeypatch.setattr(layerwise, "quantize_linear", lambda w, h, *a: hessians.append(h.clone()) or solve(w, h, *a))
     config = CalibrationConfig(model=str(build_fixture("qwen2-vl")), method="tlq", num_samples=3, seed=0,
-                               output=str(tmp_path / "out"), progress=False)
+                               output=str(tmp_path / "out"), progress=False, compute_dtype="model")
     out = run(config)
     solved = hessians[0]
 

@@ -278,7 +278,7 @@ def test_predicted_peaks_match_measured_on_cpu(fixture):
     from tlq_vllm.calibrate.layerwise import SolverOptions, calibrate_layer
     from tlq_vllm.calibrate.pipeline import RunLog, load_model, prepare_samples, target_linears
     from tlq_vllm.calibrate.schemes import get_scheme
-    from tlq_vllm.calibrate.streaming import catch_layer_inputs
+    from tlq_vllm.calibrate.streaming import catch_layer_inputs, compute_dtype, on_device, parameter_dtype
     from tlq_vllm.calibrate.tokensets import all_tokens
 
     torch.manual_seed(0)
@@ -301,9 +301,11 @@ def test_predicted_peaks_match_measured_on_cpu(fixture):
         gradient_importance(layers, model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head),
                             names, caught, roles, [s.inputs["input_ids"][0] for s in samples], device="cpu",
                             progress=False)
-    with PeakTracker(existing()) as calibrate:
+    dtype = parameter_dtype(layers[0])
+    with PeakTracker(existing()) as calibrate, on_device(layers[0], "cpu", compute_dtype("cpu", dtype)):
         calibrate_layer(layers[0], adapter.decoder_groups, [c.hidden for c in caught], [c.kwargs for c in caught],
-                        {n: all_tokens(roles) for n in names}, get_scheme("W4A16"), SolverOptions(), device="cpu")
+                        {n: all_tokens(roles) for n in names}, get_scheme("W4A16"), SolverOptions(), device="cpu",
+                        weight_dtype=dtype)  # as the stack loop runs it: widened where the CPU lacks bf16
 
     run = CalibrationConfig(scheme="W4A16", method="tlq", num_samples=len(samples),
                             max_seq_len=max(s.num_tokens for s in samples))

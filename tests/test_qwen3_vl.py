@@ -103,10 +103,10 @@ def test_importance_pass_matches_whole_model_autograd():
 
 def test_layer_statistics_include_the_deepstack_features(tmp_path, captured_linear_inputs):
     """What the stack loop feeds layers 1-3 (after deepstack adds at layers 0-2) is what the exported
-    quantized model feeds them in transformers."""
+    quantized model feeds them in transformers (model-dtype forwards: bit for bit)."""
     seen = captured_linear_inputs
     out = run(CalibrationConfig(model="fixture:qwen3-vl", method="gptq", num_samples=1, progress=False, seed=0,
-                                output=str(tmp_path / "out")))
+                                output=str(tmp_path / "out"), compute_dtype="model"))
     calibrated = [x for name, x in seen if name == "self_attn.q_proj"]  # one per layer, the one sample
 
     from transformers import CompressedTensorsConfig

@@ -14,6 +14,7 @@ from tlq_vllm.calibrate.schemes import get_scheme
 from tlq_vllm.paths import user_folder
 
 GRANULARITIES = ("linear", "layer")
+COMPUTE_DTYPES = ("auto", "model", "float32")  # --compute-dtype
 DEFAULT_MODEL = "toyvlm"
 
 
@@ -63,6 +64,9 @@ class CalibrationConfig:
     act_order: bool = False
     clip_search: bool = False
     hessian_dtype: str = "float32"  # "float64": more precise Hessian sums at 2x memory (any rank count: same bits)
+    # dtype of the block forwards: "auto" float32 on CPUs without bf16/fp16 instructions, else the
+    # model's (streaming.compute_dtype); "model" or "float32" to choose
+    compute_dtype: str = "auto"
     # model loading and what to quantize
     quantize_vision: bool = False
     trust_remote_code: bool = False
@@ -106,6 +110,8 @@ class CalibrationConfig:
         ]
         checks.append((self.hessian_dtype in ("float32", "float64"),
                        f"--hessian-dtype must be float32 or float64, got {self.hessian_dtype!r}"))
+        checks.append((self.compute_dtype in COMPUTE_DTYPES,
+                       f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)

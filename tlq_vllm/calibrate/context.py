@@ -20,6 +20,7 @@ from tlq_vllm.calibrate.distributed import Dist
 from tlq_vllm.calibrate.layerwise import SolverOptions
 from tlq_vllm.calibrate.methods import Method, get_method
 from tlq_vllm.calibrate.schemes import Scheme, get_scheme
+from tlq_vllm.calibrate.streaming import compute_dtype, parameter_dtype
 from tlq_vllm.calibrate.tokensets import WeightShaping
 from tlq_vllm.models import ModelAdapter
 
@@ -112,6 +113,8 @@ class RunContext:
     smoothquant_alpha: float | None  # SmoothQuant before each layer's calibration (None: off)
     quantize_vision: bool
     device: torch.device
+    dtype: torch.dtype  # the model's weights, as the checkpoint holds them
+    compute_dtype: torch.dtype  # of the block forwards (--compute-dtype; streaming.compute_dtype)
     dist: Dist
     log: RunLog
     progress: bool
@@ -121,6 +124,9 @@ class RunContext:
               dist: Dist, log: RunLog) -> RunContext:
         """config must be validated (CalibrationConfig.validate)."""
         method = get_method(config.method)
+        dtype = parameter_dtype(adapter.layers(model))
+        forward_dtype = {"auto": compute_dtype(device, dtype), "model": dtype,
+                         "float32": torch.float32}[config.compute_dtype]
         return cls(
             model=model,
             processor=processor,
@@ -133,6 +139,8 @@ class RunContext:
             smoothquant_alpha=config.smoothquant_alpha,
             quantize_vision=config.quantize_vision,
             device=device,
+            dtype=dtype,
+            compute_dtype=forward_dtype,
             dist=dist,
             log=log,
             progress=config.progress and dist.is_main,

@@ -17,7 +17,6 @@ Notation (docs/method.md): decoder layer l, sample s, token t, linear output y_t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tlq_vllm.calibrate.data import ROLE_ANSWER, ROLE_PROMPT, ROLE_VISION
@@ -34,24 +33,74 @@ from tlq_vllm.calibrate.streaming import (
 Importance = list[dict[str, list[torch.Tensor]]]
 
 
-def answer_loss(hidden: torch.Tensor, final_norm, lm_head, roles: torch.Tensor, input_ids: torch.Tensor):
-    """Cross-entropy of the answer tokens given everything before them; hidden is [1, T, H]."""
-    logits = lm_head(final_norm(hidden))[0].float()  # [T, V]
+# float32 elements of one vocabulary chunk's temporaries in answer_gradients (32 MiB each)
+LOSS_CHUNK_ELEMENTS = 2**23
+
+
+def answer_positions(roles: torch.Tensor) -> torch.Tensor:
+    """The positions whose outputs predict an answer token: token t is predicted at t - 1."""
     targets = (roles == ROLE_ANSWER).nonzero().flatten()
-    targets = targets[targets > 0]  # token t is predicted at position t - 1
-    return F.cross_entropy(logits[targets - 1], input_ids[targets].to(logits.device))
+    return targets[targets > 0] - 1
 
 
-def _float_kwargs(kwargs: dict, device) -> dict:
-    """Layer kwargs on `device`, with floating tensors (rotary cos/sin, masks) in float32."""
-    def cast(value):
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.to(device, torch.float32)
-        if isinstance(value, tuple | list):
-            return type(value)(cast(v) for v in value)
-        return to_device(value, device)
+def answer_gradients(
+    hiddens: list[torch.Tensor], final_norm: torch.nn.Module, lm_head: torch.nn.Module,
+    roles: list[torch.Tensor], input_ids: list[torch.Tensor], device,
+) -> tuple[list[float], list[torch.Tensor]]:
+    """Each sample's answer loss L_s (mean cross-entropy of its answer tokens given everything
+    before them) and dL_s/dh ([1, T, H] float32, CPU) at the last decoder layer's output h.
 
-    return {k: cast(v) for k, v in kwargs.items()}
+    final_norm must compute in float32. Only the positions that predict an answer token have a
+    loss, so only they go through the norm and lm_head: every sample's at once, against a chunk of
+    lm_head's rows at a time, in float32 from the model-dtype weight. No float32 copy of lm_head
+    and no [T, V] logits exist (a 2B model's vocabulary: 151936 rows). The cross-entropy's gradient
+    is written out, dL/dz = (softmax(z W^T) - onehot(y)) W / n_s: a first pass over the chunks
+    finds each row's log-sum-exp, a second forms the gradient. A sample without answer tokens has
+    loss 0 and gradient 0."""
+    positions = [answer_positions(r) for r in roles]
+    owner = torch.cat([torch.full((len(p),), s) for s, p in enumerate(positions)]).to(device)
+    counts = torch.tensor([len(p) for p in positions], dtype=torch.float32, device=device)
+    targets = torch.cat([ids[p + 1] for ids, p in zip(input_ids, positions, strict=True)]).to(device)
+    h = torch.cat([hidden[0, p] for hidden, p in zip(hiddens, positions, strict=True)])
+    h = h.to(device, torch.float32).requires_grad_(True)  # [N, H]: every sample's answer rows
+    with torch.enable_grad():
+        z = final_norm(h)
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // max(len(h), weight.shape[1]))
+    starts = range(0, weight.shape[0], chunk)
+
+    def logits(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weight[start:start + chunk].float()
+        out = z.detach() @ w.T  # [N, chunk]
+        return w, out if bias is None else out + bias[start:start + chunk].float()
+
+    rows = torch.arange(len(h), device=device)
+    with torch.no_grad():
+        lse = torch.full((len(h),), -torch.inf, device=device)
+        target_logit = torch.zeros(len(h), device=device)
+        for start in starts:
+            _, out = logits(start)
+            lse = torch.logaddexp(lse, out.logsumexp(-1))
+            mine = (targets >= start) & (targets < start + chunk)
+            target_logit[mine] = out[rows[mine], targets[mine] - start]
+        row_scale = (1 / counts[owner])[:, None]
+        dz = torch.zeros_like(z)
+        for start in starts:
+            w, out = logits(start)
+            p = (out - lse[:, None]).exp_()
+            mine = (targets >= start) & (targets < start + chunk)
+            p[rows[mine], targets[mine] - start] -= 1
+            dz += (p * row_scale) @ w
+    z.backward(dz)
+    row_loss = (lse - target_logit).detach()
+    losses = torch.zeros(len(roles), device=device).index_add_(0, owner, row_loss) / counts.clamp_min(1)
+    grads = []
+    offsets = [0, *torch.cumsum(counts.to("cpu", torch.int64), 0).tolist()]
+    for s, (hidden, p) in enumerate(zip(hiddens, positions, strict=True)):
+        grad = torch.zeros(hidden.shape, dtype=torch.float32)
+        grad[0, p] = h.grad[offsets[s]:offsets[s + 1]].to("cpu")
+        grads.append(grad)
+    return [float(x) for x in losses], grads
 
 
 def gradient_importance(
@@ -65,13 +114,15 @@ def gradient_importance(
     *,
     device,
     granularity: str = "linear",
+    compute_dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> tuple[Importance, list[float], list[torch.Tensor]]:
     """Returns a[l][linear][s] = per-token squared output-gradient norms, each sample's loss, and
     each sample's dL/dh_0 (the gradient at the decoder's input, which the vision pass continues).
 
-    The backward runs in float32 on a float32 copy of one layer at a time (bf16 gradients are
-    too coarse for a ranking of tokens). Parameters get no gradients.
+    The forward computes in compute_dtype (streaming.compute_dtype; default the layers'), the
+    backward in float32 on one layer at a time, widened in place (bf16 gradients are too coarse
+    for a ranking of tokens). Parameters get no gradients.
     """
     num_layers = len(layers)
     # Forward, storing each layer's input (CPU, model dtype): stored[l][s] = input of layer l, with
@@ -80,26 +131,16 @@ def gradient_importance(
     stored = [[x.hidden for x in inputs]]
     injections = [x.injection for x in inputs]
     for l, layer in enumerate(tqdm(layers, desc="importance: forward", disable=not progress, leave=False)):
-        with on_device(layer, device):
+        with on_device(layer, device, compute_dtype):
             stored.append(run_layer(layer, stored[-1], [x.kwargs for x in inputs], device, injections, l))
 
     importance: Importance = [{name: [] for name in layer_names} for _ in range(num_layers)]
-    grads, losses = [], []
-    with on_device(final_norm, device), on_device(lm_head, device):
-        for s, hidden in enumerate(stored[-1]):
-            h = hidden.to(device, torch.float32).detach().requires_grad_(True)
-            loss = answer_loss(h, final_norm.float(), lm_head.float(), roles[s], input_ids[s])
-            loss.backward()
-            grads.append(h.grad.detach().to("cpu"))
-            losses.append(float(loss.detach()))
-    final_norm.to(stored[-1][0].dtype)
-    lm_head.to(stored[-1][0].dtype)
+    with on_device(final_norm, device, torch.float32), on_device(lm_head, device):
+        losses, grads = answer_gradients(stored[-1], final_norm, lm_head, roles, input_ids, device)
 
     for l in tqdm(reversed(range(num_layers)), total=num_layers, desc="importance: backward",
                   disable=not progress, leave=False):
         layer = layers[l]
-        dtype = next(layer.parameters()).dtype
-        layer.to(device, torch.float32)
         captured: dict[str, torch.Tensor] = {}
         handles = []
         if granularity == "linear":
@@ -109,22 +150,22 @@ def gradient_importance(
 
                 handles.append(layer.get_submodule(name).register_forward_hook(keep_output_grad))
         try:
-            for s, x in enumerate(inputs):
-                grad_out = grads[s].to(device, torch.float32)
-                # detach: for a float32 model, .to() returns the caller's own tensor, whose .grad would
-                # accumulate over calls (and which would be left requiring grad)
-                h_in = stored[l][s].to(device, torch.float32).detach().requires_grad_(True)
-                out = layer_forward(layer, h_in, _float_kwargs(x.kwargs, device))
-                out.backward(grad_out)
-                for name in layer_names:
-                    g = captured[name] if granularity == "linear" else grad_out
-                    importance[l][name].append(g.reshape(-1, g.shape[-1]).pow(2).sum(-1).to("cpu"))
-                grads[s] = h_in.grad.detach().to("cpu")
-                captured.clear()
+            with on_device(layer, device, torch.float32):
+                for s, x in enumerate(inputs):
+                    grad_out = grads[s].to(device, torch.float32)
+                    # detach: for a float32 model, .to() returns the caller's own tensor, whose .grad
+                    # would accumulate over calls (and which would be left requiring grad)
+                    h_in = stored[l][s].to(device, torch.float32).detach().requires_grad_(True)
+                    out = layer_forward(layer, h_in, to_device(x.kwargs, device, torch.float32))
+                    out.backward(grad_out)
+                    for name in layer_names:
+                        g = captured[name] if granularity == "linear" else grad_out
+                        importance[l][name].append(g.reshape(-1, g.shape[-1]).pow(2).sum(-1).to("cpu"))
+                    grads[s] = h_in.grad.detach().to("cpu")
+                    captured.clear()
         finally:
             for handle in handles:
                 handle.remove()
-            layer.to("cpu", dtype)
     return importance, losses, grads
 
 

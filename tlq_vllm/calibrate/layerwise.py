@@ -125,6 +125,7 @@ def calibrate_layer(
     fp_hiddens: list[torch.Tensor] | None = None,
     mode: str = "exposed",
     dist: Dist = SINGLE,
+    weight_dtype: torch.dtype | None = None,
 ) -> dict[str, LinearResult]:
     """Calibrates every linear of `layer` (already on `device`) group by group, in place.
 
@@ -138,19 +139,28 @@ def calibrate_layer(
     With several ranks (dist), hiddens/kwargs/token sets are this rank's shard; each linear is
     solved by one rank, which sums its Hessian over every rank's samples in the global sample
     order (the additions one process makes, so the same bits), and its result is broadcast.
+    weight_dtype: the dtype the checkpoint and kernel hold the weights and scales in (default: the
+    layer's; given when the layer computes in a wider one, streaming.compute_dtype). The
+    dequantized weights are rounded to it, then held in the layer's dtype.
     """
     if mode not in MODES:
         raise ValueError(f"unknown calibration mode {mode!r}; choose one of {MODES}")
-    dtype = next(layer.parameters()).dtype
+    layer_dtype = next(layer.parameters()).dtype
+    dtype = weight_dtype or layer_dtype
     results: dict[str, LinearResult] = {}
     quantized: list[torch.nn.Module] = []
-    originals = {n: layer.get_submodule(n).weight.detach().clone() for g in groups for n in g}
+    # the FP weights, for the modes that use them once their linears are quantized (the exposed
+    # mode never does: no copy of the layer's weights)
+    originals = {n: layer.get_submodule(n).weight.detach().clone() for g in groups for n in g} if mode != "exposed" \
+        else {}
     counts = dist.sample_counts(len(kwargs))
     for group in groups:
         linears = [layer.get_submodule(n) for n in group]
         owners = dist.owners([lin.out_features * lin.in_features**2 for lin in linears])  # GPTQ cost ~ out * in^2
         owner_of = dict(zip(group, owners, strict=True))
-        owned = [n for n in group if owner_of[n] == dist.rank]
+        source = shared_statistics(group, token_sets, owner_of)
+        summed = {n: owner_of[n] for n in group if source[n] == n}  # the linears whose statistics are summed
+        owned = [n for n in summed if owner_of[n] == dist.rank]
         in_features = linears[0].in_features
         hdtype = options.hessian_dtype
         hessians = {n: HessianAccumulator.zeros(in_features, device=device, dtype=hdtype) for n in owned}
@@ -173,24 +183,36 @@ def calibrate_layer(
             mine = functools.partial(_kept_tokens, token_sets, s, x, x_fp if mode == "asymmetric" else None, device) \
                 if s < len(kwargs) else None
             # each Hessian is summed where it is solved, one sample at a time in the global sample order
-            for name, tokens in dist.to_owners_in_sample_order(s, counts, mine, owner_of, device):
+            for name, tokens in dist.to_owners_in_sample_order(s, counts, mine, summed, device):
                 _add_tokens(hessians[name], cross.get(name), *tokens)
                 del tokens  # before the next sample's copy exists
         for name, linear, owner in zip(group, linears, owners, strict=True):
             result = None
             if dist.rank == owner:
-                hessian = hessians[name].hessian.float()
+                hessian = hessians[source[name]].hessian.float()
                 weight = linear.weight
                 if mode == "asymmetric":
-                    weight = asymmetric_target(originals[name].float(), hessian, cross[name].float(), options.damp)
+                    weight = asymmetric_target(originals[name].float(), hessian, cross[source[name]].float(),
+                                               options.damp)
                 result = quantize_linear(weight, hessian, scheme, options, dtype)
             result = dist.broadcast(result, owner)
-            linear.weight.data = dequantize(result.qweight.to(device), result.scales.to(device), scheme, dtype)
+            linear.weight.data = dequantize(result.qweight.to(device), result.scales.to(device), scheme, dtype
+                                            ).to(layer_dtype)
             results[name] = LinearResult(
                 result.qweight.cpu(), result.scales.cpu(), result.error_rtn, result.error, result.fallback_rtn
             )
             quantized.append(linear)
     return results
+
+
+def shared_statistics(group: tuple[str, ...], token_sets: Mapping[str, TokenSet], owner_of: dict[str, int]
+                      ) -> dict[str, str]:
+    """Each linear's source of statistics: the first linear of its group with the same token set
+    (one object: the same tokens and weights, as every linear has under uniform weights) solved by
+    the same rank. Linears of a group share their input, so they then share one Hessian (and cross
+    matrix): summed once, the same bits as summing it for each (q, k, v: 3 sums -> 1; gate, up: 2 -> 1)."""
+    return {name: next(n for n in group if token_sets[n] is token_sets[name] and owner_of[n] == owner_of[name])
+            for name in group}
 
 
 def _kept_tokens(token_sets: Mapping[str, TokenSet], s: int, x: torch.Tensor, x_fp: torch.Tensor | None, device,

@@ -257,7 +257,8 @@ def run(config: CalibrationConfig) -> Path:
         log.event(
             "start",
             f"tlq: {ctx.method.name} {ctx.scheme.name} on {model_ref} ({len(ctx.layers)} decoder layers, "
-            f"device {device})",
+            f"device {device}" + (f", layer forwards in {dtype_name(ctx.compute_dtype)}"
+                                  if ctx.compute_dtype != ctx.dtype else "") + ")",
             method=ctx.method.name,
             scheme=ctx.scheme.name,
             model=model_ref,
@@ -292,6 +293,7 @@ def run(config: CalibrationConfig) -> Path:
             "scheme": ctx.scheme.name,
             "options": config.knobs(),
             "fingerprint": config.fingerprint(),
+            "compute_dtype": dtype_name(ctx.compute_dtype),  # what --compute-dtype resolved to
             "model": model_ref,
             "calibration_set": {
                 "source": config.data,
@@ -379,8 +381,8 @@ def calibrate_model(ctx: RunContext, all_samples: list, partial: PartialRun,
         caught = catch_through_quantized_vision(ctx, samples, fp_caught)  # what the decoder sees now
     kwargs = [c.kwargs for c in caught]
 
-    def smooth(layer, hiddens, kwargs):
-        smooth_layer(ctx, layer, hiddens, kwargs)
+    def smooth(layer, hiddens, kwargs, dtype):
+        smooth_layer(ctx, layer, hiddens, kwargs, dtype)
 
     results = calibrate_stack(
         ctx, ctx.layers, ctx.adapter.decoder_groups, [c.hidden for c in caught], [kwargs] * len(ctx.layers),
@@ -388,14 +390,15 @@ def calibrate_model(ctx: RunContext, all_samples: list, partial: PartialRun,
         fp_hiddens=[c.hidden for c in fp_caught] if ctx.mode != "exposed" else None,
         injections=[c.injection for c in caught], fp_injections=[c.injection for c in fp_caught],
         before_block=smooth if ctx.smoothquant_alpha is not None else None,
-        finished=finished, apply_finished=lambda layer, done: apply_results(layer, done, ctx.scheme),
+        finished=finished, apply_finished=lambda layer, done, dtype: apply_results(layer, done, ctx.scheme, dtype),
         save=partial.save_layer,
     )
     return results, vision_results, extra
 
 
-def smooth_layer(ctx: RunContext, layer, hiddens, kwargs) -> None:
-    """SmoothQuant on this layer's norm -> linear pairs, from the layer's (quantized-path) inputs."""
+def smooth_layer(ctx: RunContext, layer, hiddens, kwargs, dtype: torch.dtype) -> None:
+    """SmoothQuant on this layer's norm -> linear pairs, from the layer's (quantized-path) inputs;
+    the smoothed weights are rounded to `dtype` (the model's)."""
     for norm_name, group_index in ctx.adapter.smooth_pairs:
         group = ctx.adapter.decoder_groups[group_index]
         linears = [layer.get_submodule(n) for n in group]
@@ -405,14 +408,20 @@ def smooth_layer(ctx: RunContext, layer, hiddens, kwargs) -> None:
             m = x.float().abs().amax(dim=0)
             absmax = m if absmax is None else torch.maximum(absmax, m)
         s = smoothing_scales(ctx.dist.all_reduce_max(absmax), [lin.weight for lin in linears], ctx.smoothquant_alpha)
-        fold_smoothing(layer.get_submodule(norm_name), linears, s)
+        fold_smoothing(layer.get_submodule(norm_name), linears, s, dtype)
 
 
-def apply_results(layer, results: dict[str, LinearResult], scheme: Scheme) -> None:
-    dtype = next(layer.parameters()).dtype
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def apply_results(layer, results: dict[str, LinearResult], scheme: Scheme, dtype: torch.dtype) -> None:
+    """Sets the layer's weights to the results' dequantized values, rounded to `dtype` (the
+    model's) and held in the weight's own dtype and device."""
     for name, r in results.items():
         linear = layer.get_submodule(name)
-        linear.weight.data = dequantize(r.qweight, r.scales, scheme, dtype).to(linear.weight.device)
+        weight = linear.weight
+        weight.data = dequantize(r.qweight, r.scales, scheme, dtype).to(weight.device, weight.dtype)
 
 
 def export(ctx: RunContext, results, vision_results, model_ref, staging: Path, provenance: dict) -> None:

@@ -19,10 +19,17 @@ def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alph
     return s.clamp_min(1e-5)  # [in]
 
 
-def fold_smoothing(norm: torch.nn.Module, linears: list[torch.nn.Module], s: torch.Tensor) -> None:
-    """Divides the norm's output by s (its weight; and bias, if any) and scales the linears' columns."""
-    norm.weight.data = (norm.weight.data.float() / s).to(norm.weight.dtype)
+def fold_smoothing(norm: torch.nn.Module, linears: list[torch.nn.Module], s: torch.Tensor,
+                   dtype: torch.dtype | None = None) -> None:
+    """Divides the norm's output by s (its weight; and bias, if any) and scales the linears' columns.
+
+    The new values are rounded to `dtype` (the model's; default: each tensor's own), so that a
+    layer computing in a wider dtype holds what the checkpoint will."""
+    def store(param: torch.Tensor, value: torch.Tensor) -> None:
+        param.data = value.to(dtype or param.dtype).to(param.dtype)
+
+    store(norm.weight, norm.weight.data.float() / s)
     if getattr(norm, "bias", None) is not None:
-        norm.bias.data = (norm.bias.data.float() / s).to(norm.bias.dtype)
+        store(norm.bias, norm.bias.data.float() / s)
     for linear in linears:
-        linear.weight.data = (linear.weight.data.float() * s).to(linear.weight.dtype)  # [out, in] * [in]
+        store(linear.weight, linear.weight.data.float() * s)  # [out, in] * [in]

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tlq_vllm.calibrate.layerwise import LinearResult, activation_fake_quant, calibrate_layer
-from tlq_vllm.calibrate.streaming import ResidualInjection, on_device, run_layer
+from tlq_vllm.calibrate.streaming import ResidualInjection, on_device, parameter_dtype, run_layer
 from tlq_vllm.calibrate.tokensets import BlockTokenSets
 
 BlockResults = dict[str, LinearResult]
@@ -45,9 +45,9 @@ def calibrate_stack(
     fp_hiddens: list[torch.Tensor] | None = None,
     injections: list[ResidualInjection | None] | None = None,
     fp_injections: list[ResidualInjection | None] | None = None,
-    before_block: Callable[[torch.nn.Module, list[torch.Tensor], list[dict]], None] | None = None,
+    before_block: Callable[[torch.nn.Module, list[torch.Tensor], list[dict], torch.dtype], None] | None = None,
     finished: dict[int, BlockResults] | None = None,
-    apply_finished: Callable[[torch.nn.Module, BlockResults], None] | None = None,
+    apply_finished: Callable[[torch.nn.Module, BlockResults, torch.dtype], None] | None = None,
     save: Callable[[int, BlockResults], None] | None = None,
 ) -> dict[int, BlockResults]:
     """Calibrates every block of the stack in order; returns each block's results by index.
@@ -58,7 +58,9 @@ def calibrate_stack(
     quantized path. injections and fp_injections (per sample, this rank's shard; fp_injections
     defaults to injections) are what the model adds to each block's outputs on the two paths.
     finished holds blocks calibrated before an interruption (their integers are
-    applied with apply_finished instead of solving again); save(b, results) stores a new block's.
+    applied with apply_finished(block, results, weight dtype) instead of solving again); save(b,
+    results) stores a new block's. Each block computes in ctx.compute_dtype while it is on the
+    device (streaming.compute_dtype); its weights are rounded to its own dtype.
     label ("layer", "vision block") names the log events and the progress bar."""
     names = [name for group in groups for name in group]
     finished = finished or {}
@@ -69,18 +71,20 @@ def calibrate_stack(
     for b in tqdm(range(len(blocks)), desc=f"calibrate {label}s", disable=not ctx.progress):
         block, block_kwargs = blocks[b], kwargs[b]
         last = b == len(blocks) - 1  # no block reads its outputs: a whole forward of the stack saved
-        with on_device(block, device):
+        weight_dtype = parameter_dtype(block)
+        with on_device(block, device, ctx.compute_dtype):
             t0 = time.time()
             next_fp = run_layer(block, fp_hiddens, block_kwargs, device, fp_injections, b) \
                 if fp_hiddens is not None and not last else None
             if before_block is not None:
-                before_block(block, hiddens, block_kwargs)
+                before_block(block, hiddens, block_kwargs, weight_dtype)
             if b in finished:
                 results[b] = finished[b]
-                apply_finished(block, results[b])
+                apply_finished(block, results[b], weight_dtype)
             else:
                 results[b] = calibrate_layer(block, groups, hiddens, block_kwargs, token_sets[b], scheme, ctx.solver,
-                                             device=device, fp_hiddens=fp_hiddens, mode=ctx.mode, dist=ctx.dist)
+                                             device=device, fp_hiddens=fp_hiddens, mode=ctx.mode, dist=ctx.dist,
+                                             weight_dtype=weight_dtype)
                 if save is not None:
                     save(b, results[b])
                 before = sum(r.error_rtn for r in results[b].values())

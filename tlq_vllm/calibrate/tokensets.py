@@ -246,6 +246,7 @@ def decoder_token_sets(ctx, caught: list[LayerInputs], samples: list, all_roles:
         [s.inputs["input_ids"][0] for s in samples],
         device=ctx.device,
         granularity=options.granularity,
+        compute_dtype=ctx.compute_dtype,
         progress=ctx.progress,
     )
     raw = [{n: dist.gather_samples(per[n], len(all_roles)) for n in names} for per in raw]

@@ -24,16 +24,18 @@ fragmentation). Host peaks are the resident memory of one rank; budgets are per 
   patch, since all hidden states are kept) + 4 T H b of text embeddings.
   Host = weights + (25 T + pixel bytes) per prepared sample + S T (H b + 4 head_dim + 16) of caught
   layer-0 inputs (hidden states, rotary cos/sin).
-- importance forward (gradient_importance; tlq and mbq only): device = layer b + T (H + max(2 H
-  + 3 I, H + 4 q + 3 kv)) b. Host adds the stored input of EVERY layer: L S T H b more.
+- Layer forwards compute in f bytes (--compute-dtype: f = 4 for float32, on CPUs without bf16
+  instructions by default; else f = b): the layer is widened in place (+ layer_params (f - b)).
+- importance forward (gradient_importance; tlq and mbq only): device = layer f + T (H + max(2 H
+  + 3 I, H + 4 q + 3 kv)) f. Host adds the stored input of EVERY layer: L S T H b more.
 - importance backward: device = max(
-    loss phase: lm_head up-cast to float32 (V H (b + 4) while casting) + logits and their
-    gradient 2 T V 4,
+    loss phase (importance.answer_gradients): lm_head in the model dtype V H b + float32 chunk
+    temporaries (C H + 3 N C) 4 with C = min(V, E / max(N, H)) rows of lm_head at a time (E =
+    LOSS_CHUNK_ELEMENTS) + 4 N H 4 for the N = S min(T, text_tokens) answer rows of every sample,
     layer phase: the layer in float32 (4 bytes a parameter) + 4 T (max(2 H + 2 q + 2 kv + 6 I,
     7 H + 2 q + 2 kv + h, 3 H + 3 q + 3 kv + h) + 2 H + 2 head_dim), with h = 2 I for per-linear
     hooks (granularity "linear"), 0 for "layer"; parameters need no gradients).
-  Host adds the output gradients S T H 4, the importances S T L n_lin 4 and the lm_head's
-  float32 round trip through the host (V H 4).
+  Host adds the output gradients S T H 4 and the importances S T L n_lin 4.
 - calibrate layer (layerwise.calibrate_layer, gptq.gptq_quantize), per group of linears sharing
   an input of width `in` (q,k,v -> o -> gate,up -> down), per linear [out, in]:
     group matrices G = n_g in^2 hb (Hessians in --hessian-dtype: hb = 4, or 8 for float64)
@@ -43,7 +45,8 @@ fragmentation). Host peaks are the resident memory of one rank; budgets are per 
     solve = G + in^2 4 (the summed H in float32) + max(5.75 in^2 4 + 2 out in 4, 2 in^2 4
       + 8 out in 4) + T in 4 (GPTQ's H clone, damped copy, Cholesky factor, upper factor of the
       inverse and torch.isfinite's temporaries; then the error report).
-  Device = layer b + a clone of its linear weights (b) + the largest of those. For large models
+  Device = layer f + a clone of its linear weights (f; only --no-exposure and --asymmetric-target
+  keep one) + the largest of those. For large models
   the solve of mlp.down_proj (in = I) dominates and does NOT shrink with fewer samples, shorter
   sequences or more ranks. Host = weights + sample inputs + 3 S T H b of hidden states (caught
   layer-0 inputs, this layer's inputs and outputs; 5 with --no-exposure or --asymmetric-target,
@@ -83,10 +86,14 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+import torch
+
 from tlq_vllm.calibrate.config import GRANULARITIES, CalibrationConfig
+from tlq_vllm.calibrate.importance import LOSS_CHUNK_ELEMENTS
 from tlq_vllm.calibrate.methods import GPTQ, TOKEN, Method, get_method
 from tlq_vllm.calibrate.planner.dims import ModelDims, PlanError, model_dims
 from tlq_vllm.calibrate.schemes import SCHEMES, Scheme
+from tlq_vllm.calibrate.streaming import compute_dtype
 
 if TYPE_CHECKING:
     from tlq_vllm.calibrate.planner.suggest import Suggestion
@@ -249,10 +256,20 @@ def _catch_device(d: ModelDims, T: int, Tv: int, a: Assumptions) -> dict[str, in
     }
 
 
-def _forward_act(d: ModelDims, T: int, a: Assumptions) -> int:
-    """One sample through one decoder layer without grad (model dtype): the input copy and the
-    larger of the attention (q/k/v and their rotary copies) and MLP (act, up, act * up) phases."""
-    H, q, kv, I, b = d.hidden, d.q_dim, d.kv_dim, d.intermediate, d.dtype_bytes
+def forward_bytes(config: CalibrationConfig, device: str, dtype_bytes: int) -> int:
+    """Bytes a value of the layer forwards on `device` (--compute-dtype; streaming.compute_dtype
+    decides "auto" for this machine's CPU, as the run will)."""
+    if config.compute_dtype == "float32":
+        return 4
+    if config.compute_dtype == "model" or dtype_bytes != 2:
+        return dtype_bytes
+    return 4 if compute_dtype(device, torch.bfloat16) == torch.float32 else dtype_bytes
+
+
+def _forward_act(d: ModelDims, T: int, a: Assumptions, b: int) -> int:
+    """One sample through one decoder layer without grad (in b bytes a value): the input copy and
+    the larger of the attention (q/k/v and their rotary copies) and MLP (act, up, act * up) phases."""
+    H, q, kv, I = d.hidden, d.q_dim, d.kv_dim, d.intermediate
     attn = d.heads * T * T * (b + 4) if a.attn_implementation == "eager" else 0
     return T * (H + max(2 * H + 3 * I, H + 4 * q + 3 * kv)) * b + attn
 
@@ -271,29 +288,31 @@ def _backward_act(d: ModelDims, T: int, granularity: str, a: Assumptions) -> int
     return T * (per_token + 2 * H + 2 * d.head_dim) * 4 + attn
 
 
-def _loss_device(d: ModelDims, T: int, a: Assumptions) -> int:
-    VH = d.vocab * d.hidden
-    n = min(T, a.text_tokens)  # answer rows of the cross-entropy
-    casting = VH * (d.dtype_bytes + 4)  # lm_head.float(): both copies while casting
-    running = VH * 4 + 2 * T * d.vocab * 4 + 3 * n * d.vocab * 4 + 4 * T * d.hidden * 4
-    return max(casting, running)
+def _loss_device(d: ModelDims, S: int, T: int, a: Assumptions) -> int:
+    """importance.answer_gradients above lm_head: the float32 chunk temporaries (a weight chunk,
+    logits, probabilities, their scaled copy: each at most LOSS_CHUNK_ELEMENTS) and the answer rows'
+    hidden states, normed states, their gradient and the norm's backward."""
+    rows = S * min(T, a.text_tokens)
+    chunk = min(d.vocab, max(1, LOSS_CHUNK_ELEMENTS // max(rows, d.hidden)))  # lm_head rows at a time
+    return (chunk * d.hidden + 3 * rows * chunk) * 4 + 4 * rows * d.hidden * 4
 
 
 def _calibrate_device(d: ModelDims, T: int, scheme: Scheme, method: Method, asymmetric: bool,
-                      a: Assumptions) -> tuple[int, str]:
+                      a: Assumptions, f: int) -> tuple[int, str]:
     """Peak of calibrate_layer's group loop above the layer and its weight clone; and which linear.
 
     Per group (in = its input width, n its linears): the accumulators G = n in^2 hb (Hessians) +
     n in^2 hb (cross matrices) with hb = Assumptions.hessian_bytes; the solver gets a float32 copy
     of each summed Hessian. Phases: allocation (the previous group's matrices are still referenced
     while the new ones are allocated), statistics (one sample's capture and the float64 product),
-    solve (the float32 H, GPTQ's copies, the error report's [out, in] temporaries)."""
+    solve (the float32 H, GPTQ's copies, the error report's [out, in] temporaries). f: bytes a
+    value of the layer's forwards (forward_bytes)."""
     shapes = d.linear_shapes()
     b, a8, hb = d.dtype_bytes, scheme.quantizes_activations, a.hessian_bytes
     solve = method.solver == GPTQ
     cross = 1 if (a.cross_always or asymmetric) else 0
     h32 = 1 if a.hessian_float32_copy else 0
-    fwd = _forward_act(d, T, a)
+    fwd = _forward_act(d, T, a, f)
     peak, where, prev_in, prev_n = 0, "", 0, 0
     for group in d.decoder_groups:
         n, in_f = len(group), shapes[group[0]][1]
@@ -302,8 +321,8 @@ def _calibrate_device(d: ModelDims, T: int, scheme: Scheme, method: Method, asym
         prev_hess, prev_cross, prev_h32 = prev_n * prev_sq * hb, prev_n * prev_sq * hb * cross, prev_sq * 4 * h32
         alloc = max(prev_hess + prev_cross + hess, prev_cross + hess + crosses) + prev_h32
         mats = hess + crosses
-        # one sample: x in the model dtype, x.float(), x[idx], and the accumulator's copies of it
-        capture = T * in_f * (b + 4 + 4 + 2 * hb) + (2 * T * in_f * 4 if a8 else 0)
+        # one sample: x (as computed, then in the model dtype), x.float(), x[idx], the accumulator's copies
+        capture = T * in_f * (b + (f if f != b else 0) + 4 + 4 + 2 * hb) + (2 * T * in_f * 4 if a8 else 0)
         if asymmetric:
             capture += T * in_f * (4 + 2 * 8) + sq * 8  # the FP-path capture and the float64 cross product
         stats = mats + prev_h32 + sq * hb + fwd + capture
@@ -313,6 +332,8 @@ def _calibrate_device(d: ModelDims, T: int, scheme: Scheme, method: Method, asym
             W = out_f * in_f * 4
             inin = sq * 4
             gptq = max(int(a.solver_inin_copies * inin) + 2 * W, 2 * inin + 8 * W) if solve else 6 * W
+            if f == 4:  # a float32 layer: the solver's two float32 copies of the weight are the weight itself
+                gptq -= 2 * W
             asym = (4 * inin + 2 * W) if asymmetric else 0  # cross.float(), H + damp I, the LU of solve, eye
             last_x = T * in_f * 4 * (2 if asymmetric else 1)  # the last sample's capture is still referenced
             cand.append((mats + h32 * inin + max(gptq, asym) + last_x, name))
@@ -377,6 +398,8 @@ def peaks(
 
     weights = d.total_params * b
     layer = d.layer_params * b
+    f = forward_bytes(config, device, b)
+    widened = d.layer_params * (f - b)  # a layer computing in float32 on a bf16 model
     prepared = num_samples if (a.samples_on_every_rank or nproc == 1) else S  # samples whose inputs a rank holds
     sample_inputs = prepared * (T * 25 + Tv * d.vision.pixels_per_token * d.vision.in_channels * 4) if uses_data else 0
     hidden = S * T * H * b  # one copy of every sample's hidden states
@@ -404,31 +427,30 @@ def peaks(
     host_fwd = {**base_host, "sample inputs": sample_inputs, "layer-0 inputs": hidden + kwargs,
                 "stored layer inputs": L * hidden}
     if uses_importance:
-        dev = {"layer": layer, "activations": _forward_act(d, T, a)}
+        dev = {"layer": layer, "layer widened": widened, "activations": _forward_act(d, T, a, f)}
         rows.append(("importance forward", dev, host_fwd, {"layer": layer}, False))
-        loss = _loss_device(d, T, a)
+        lm_head, loss = d.vocab * H * b, _loss_device(d, S, T, a)
         layer_phase = d.layer_params * 4 + _backward_act(d, T, config.importance_granularity, a)
-        if loss > layer_phase:
-            dev = {"lm_head + logits (float32)": loss}
+        if lm_head + loss > layer_phase:
+            dev = {"lm_head": lm_head, "answer rows + logit chunks (float32)": loss}
         else:
             dev = {"layer (float32)": d.layer_params * 4, "activations (float32)": layer_phase - d.layer_params * 4}
-        host = {**host_fwd, "output gradients": S * T * H * 4,
-                "importances": imp, "lm_head float32 round trip": d.vocab * H * 4}
-        # on a CPU "device" the float32 up-casts replace the model-dtype tensors in place
-        moves = {"lm_head + logits (float32)": d.vocab * H * b, "layer (float32)": layer}
-        if device == "cpu":
-            host.pop("lm_head float32 round trip")
+        host = {**host_fwd, "output gradients": S * T * H * 4, "importances": imp}
+        # on a CPU "device" lm_head stays where it is and the layer is widened in place
+        moves = {"lm_head": lm_head, "layer (float32)": layer}
         rows.append(("importance backward", dev, host, moves, False))
     else:
         rows.append(("importance forward", {}, dict(base_host), {}, True))
         rows.append(("importance backward", {}, dict(base_host), {}, True))
 
     if uses_data:
-        peak, where = _calibrate_device(d, T, scheme, calibration, config.asymmetric_target, a)
-        dev = {"layer": layer, "weight clone": d.layer_linear_params * b, f"Hessians + solve ({where})": peak}
+        peak, where = _calibrate_device(d, T, scheme, calibration, config.asymmetric_target, a, f)
+        fp_path = config.asymmetric_target or not config.exposure  # the modes that keep the FP weights
+        dev = {"layer": layer, "layer widened": widened, "weight clone": d.layer_linear_params * f if fp_path else 0,
+               f"Hessians + solve ({where})": peak}
         if device == "cpu":  # the layer's integers stay where they were computed (on a GPU they go to the host)
             dev["layer results"] = d.layer_linear_params
-        copies = 5 if (config.asymmetric_target or not config.exposure) else 3
+        copies = 5 if fp_path else 3
         host = {**base_host, "sample inputs": sample_inputs, "hidden states": copies * hidden + kwargs,
                 "results": results}
         if uses_importance:  # gradient_importance returns dL/dh_0 per sample; calibrate_model keeps it
