@@ -20,7 +20,7 @@ from tlq_vllm.calibrate.distributed import Dist
 from tlq_vllm.calibrate.layerwise import SolverOptions
 from tlq_vllm.calibrate.methods import Method, get_method
 from tlq_vllm.calibrate.schemes import Scheme, get_scheme
-from tlq_vllm.calibrate.streaming import compute_dtype, parameter_dtype
+from tlq_vllm.calibrate.streaming import parameter_dtype, resolve_compute_dtype
 from tlq_vllm.calibrate.tokensets import WeightShaping
 from tlq_vllm.models import ModelAdapter
 
@@ -125,8 +125,7 @@ class RunContext:
         """config must be validated (CalibrationConfig.validate)."""
         method = get_method(config.method)
         dtype = parameter_dtype(adapter.layers(model))
-        forward_dtype = {"auto": compute_dtype(device, dtype), "model": dtype,
-                         "float32": torch.float32}[config.compute_dtype]
+        forward_dtype = resolve_compute_dtype(config.compute_dtype, device, dtype)
         return cls(
             model=model,
             processor=processor,

@@ -30,7 +30,7 @@ from tlq_vllm.calibrate.quantizer import (
     quantize,
 )
 from tlq_vllm.calibrate.schemes import Scheme
-from tlq_vllm.calibrate.streaming import capture_linear_inputs, to_device
+from tlq_vllm.calibrate.streaming import capture_linear_inputs, parameter_dtype, to_device
 from tlq_vllm.calibrate.tokensets import TokenSet
 
 
@@ -145,7 +145,7 @@ def calibrate_layer(
     """
     if mode not in MODES:
         raise ValueError(f"unknown calibration mode {mode!r}; choose one of {MODES}")
-    layer_dtype = next(layer.parameters()).dtype
+    layer_dtype = parameter_dtype(layer)
     dtype = weight_dtype or layer_dtype
     results: dict[str, LinearResult] = {}
     quantized: list[torch.nn.Module] = []
@@ -278,7 +278,7 @@ def rtn_layer(
     read into memory of their own (pipeline.load_model(weights_in_memory=True)) the layer ends up
     holding the integers instead of the bf16 weights. The weight becomes a meta tensor of its shape
     and dtype: the module still describes itself, and anything that would compute with it fails."""
-    dtype = next(layer.parameters()).dtype
+    dtype = parameter_dtype(layer)
     results = {}
     for name in names:
         linear = layer.get_submodule(name)

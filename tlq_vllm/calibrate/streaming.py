@@ -97,8 +97,16 @@ def compute_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype
     dtype."""
     if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return dtype
-    native = torch.cpu._is_avx512_bf16_supported() if dtype == torch.bfloat16 else torch.cpu._is_amx_fp16_supported()
-    return dtype if native or torch.cpu._is_amx_tile_supported() and dtype == torch.bfloat16 else torch.float32
+    if dtype == torch.bfloat16:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    else:
+        native = torch.cpu._is_amx_fp16_supported()
+    return dtype if native else torch.float32
+
+
+def resolve_compute_dtype(choice: str, device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
+    """--compute-dtype (config.COMPUTE_DTYPES) for a model held in `dtype` on `device`."""
+    return {"auto": compute_dtype(device, dtype), "model": dtype, "float32": torch.float32}[choice]
 
 
 def forward_to_first_layer(

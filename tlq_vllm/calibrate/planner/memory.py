@@ -93,7 +93,7 @@ from tlq_vllm.calibrate.importance import LOSS_CHUNK_ELEMENTS
 from tlq_vllm.calibrate.methods import GPTQ, TOKEN, Method, get_method
 from tlq_vllm.calibrate.planner.dims import ModelDims, PlanError, model_dims
 from tlq_vllm.calibrate.schemes import SCHEMES, Scheme
-from tlq_vllm.calibrate.streaming import compute_dtype
+from tlq_vllm.calibrate.streaming import resolve_compute_dtype
 
 if TYPE_CHECKING:
     from tlq_vllm.calibrate.planner.suggest import Suggestion
@@ -257,13 +257,10 @@ def _catch_device(d: ModelDims, T: int, Tv: int, a: Assumptions) -> dict[str, in
 
 
 def forward_bytes(config: CalibrationConfig, device: str, dtype_bytes: int) -> int:
-    """Bytes a value of the layer forwards on `device` (--compute-dtype; streaming.compute_dtype
-    decides "auto" for this machine's CPU, as the run will)."""
-    if config.compute_dtype == "float32":
-        return 4
-    if config.compute_dtype == "model" or dtype_bytes != 2:
-        return dtype_bytes
-    return 4 if compute_dtype(device, torch.bfloat16) == torch.float32 else dtype_bytes
+    """Bytes a value of the layer forwards on `device` (--compute-dtype, resolved as the run
+    resolves it: "auto" for this machine's CPU; a 2-byte model is planned as bf16)."""
+    return resolve_compute_dtype(config.compute_dtype, device, torch.bfloat16 if dtype_bytes == 2 else torch.float32
+                                 ).itemsize
 
 
 def _forward_act(d: ModelDims, T: int, a: Assumptions, b: int) -> int:
