@@ -31,7 +31,9 @@ EXPECTED_FORMAT = {
     "W4A8": "int-quantized",
 }
 
-FIXTURE_NAMES = list(FIXTURES)
+# The MoE fixture's experts are not linears until the calibrator linearizes them, and transformers 5.19
+# does not load per-expert compressed experts into its fused ones: tests/test_qwen3_vl_moe.py covers its export.
+FIXTURE_NAMES = [name for name in FIXTURES if name != "qwen3-vl-moe"]
 SCHEME_NAMES = list(SCHEMES)
 QUESTION = "What color is the shape?"
 

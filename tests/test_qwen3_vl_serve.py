@@ -70,15 +70,14 @@ def test_every_method_serves_in_vllm_like_transformers(tmp_path, sample_image, m
     assert generated[0] in top5
 
 
-def test_tlq_checkpoint_answers_over_http(tmp_path, sample_image):
-    """`python -m tlq_vllm.serve` serves the W4A16 TLQ checkpoint; the OpenAI client's greedy first
-    token is among transformers' top 5."""
+def first_token_over_http(tmp_path, out, sample_image) -> str:
+    """`python -m tlq_vllm.serve out` started, asked QUESTION about the image through the OpenAI client,
+    stopped: its greedy first token."""
     import openai
 
     from tlq_vllm.eval.endpoint import image_data_url
     from tlq_vllm.serve.process import ServerProcess
 
-    out = calibrate(tmp_path, "tlq", "W4A16")
     image_path = tmp_path / "image.png"
     sample_image.save(image_path)
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url(image_path)}},
@@ -88,7 +87,14 @@ def test_tlq_checkpoint_answers_over_http(tmp_path, sample_image):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         reply = client.chat.completions.create(model=str(out), messages=messages, temperature=0, max_tokens=1,
                                                logprobs=True, top_logprobs=1)
-    served = reply.choices[0].logprobs.content[0].token
+    return reply.choices[0].logprobs.content[0].token
+
+
+def test_tlq_checkpoint_answers_over_http(tmp_path, sample_image):
+    """`python -m tlq_vllm.serve` serves the W4A16 TLQ checkpoint; the OpenAI client's greedy first
+    token is among transformers' top 5."""
+    out = calibrate(tmp_path, "tlq", "W4A16")
+    served = first_token_over_http(tmp_path, out, sample_image)
     processor = AutoProcessor.from_pretrained(out)
     _, top5 = transformers_top(out, sample_image, 5)
     assert served in [processor.tokenizer.decode([i]) for i in top5], (served, top5)

@@ -95,9 +95,10 @@ def exposure_mode(config: CalibrationConfig) -> str:
     return "asymmetric" if config.asymmetric_target else "exposed"
 
 
-def target_linears(adapter: ModelAdapter) -> list[str]:
-    """The decoder linears quantized in every layer, in execution order."""
-    return [name for group in adapter.decoder_groups for name in group]
+def target_linears(adapter: ModelAdapter, num_experts: int = 0) -> list[str]:
+    """The decoder linears quantized in every layer, in execution order (num_experts: of a sparse
+    MoE decoder, ModelAdapter.num_experts)."""
+    return [name for group in adapter.layer_groups(num_experts) for name in group]
 
 
 @dataclass
@@ -105,6 +106,7 @@ class RunContext:
     model: torch.nn.Module
     processor: object
     adapter: ModelAdapter
+    groups: tuple[tuple[str, ...], ...]  # the decoder layer's linear groups in execution order
     scheme: Scheme
     method: Method
     solver: SolverOptions
@@ -130,6 +132,7 @@ class RunContext:
             model=model,
             processor=processor,
             adapter=adapter,
+            groups=adapter.layer_groups(adapter.num_experts(model.config)),
             scheme=get_scheme(config.scheme),
             method=method,
             solver=solver_options(config, method),
@@ -151,7 +154,12 @@ class RunContext:
 
     @property
     def linear_names(self) -> list[str]:
-        return target_linears(self.adapter)
+        return [name for group in self.groups for name in group]
+
+    @property
+    def token_set_names(self) -> list[str]:
+        """What the token-set stage builds sets for (the linears; a MoE block for its experts)."""
+        return self.adapter.token_set_names(self.groups)
 
     @property
     def needs_data(self) -> bool:

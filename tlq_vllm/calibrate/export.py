@@ -111,14 +111,20 @@ def linear_targets(module_names: Iterable[str], adapter: ModelAdapter) -> list[s
         for stack in stacks:
             index, _, local = name.removeprefix(stack + ".").partition(".")
             if name.startswith(stack + ".") and index.isdigit() and local:
-                kinds.add((stack.rsplit(".", 1)[-1], local))
+                kinds.add((stack.rsplit(".", 1)[-1], ".".join("0" if p.isdigit() else p for p in local.split("."))))
                 break
         else:
             raise ValueError(
                 f"{name!r} is not a linear inside a decoder layer ({adapter.decoder_layers}.<i>.<name>) or a vision "
                 f"block ({adapter.vision_blocks}.<i>.<name>); projector, embeddings and lm_head stay in bf16"
             )
-    return [rf"re:.*{re.escape(leaf)}\.\d+\.{re.escape(local)}$" for leaf, local in sorted(kinds)]
+    return [rf"re:.*{re.escape(leaf)}\.\d+\.{_indices_as_pattern(local)}$" for leaf, local in sorted(kinds)]
+
+
+def _indices_as_pattern(local: str) -> str:
+    r"""A layer-local name as a regex in which list indices match any index: one target for every
+    expert of a MoE block (`mlp\.experts\.\d+\.gate_proj`), not one per expert."""
+    return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in local.split("."))
 
 
 def write_checkpoint(

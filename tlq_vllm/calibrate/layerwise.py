@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from tlq_vllm.calibrate.distributed import SINGLE, Dist
+from tlq_vllm.calibrate.experts import RoutedInputs, routed_inputs, routed_token_weights
 from tlq_vllm.calibrate.gptq import HessianAccumulator, gptq_quantize
 from tlq_vllm.calibrate.hostmem import release_free_heap
 from tlq_vllm.calibrate.methods import GPTQ, RTN
@@ -32,6 +33,13 @@ from tlq_vllm.calibrate.quantizer import (
 from tlq_vllm.calibrate.schemes import Scheme
 from tlq_vllm.calibrate.streaming import capture_linear_inputs, parameter_dtype, to_device
 from tlq_vllm.calibrate.tokensets import TokenSet
+from tlq_vllm.models.adapters import SparseExperts
+
+# An expert routed fewer calibration tokens than this is rounded to nearest (with a warning naming it):
+# GPTQ's error feedback on a Hessian of rank < 32 fits those few tokens and little else. Real MoE
+# layers route each expert about T * top_k / E tokens (a 128-sample run of ~400 tokens on Qwen3-VL-30B-A3B:
+# ~3200 each), so this only catches experts the calibration data hardly reaches.
+MIN_EXPERT_TOKENS = 32
 
 
 @dataclass
@@ -42,6 +50,7 @@ class LinearResult(QuantizedLinear):
     error_rtn: float  # weighted output error of round-to-nearest under the same H
     error: float  # weighted output error of the solution (GPTQ, or RTN when solver="rtn")
     fallback_rtn: bool = False
+    tokens: int | None = None  # calibration rows in its Hessian, for an expert linear (None: every kept token)
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,7 @@ def calibrate_layer(
     mode: str = "exposed",
     dist: Dist = SINGLE,
     weight_dtype: torch.dtype | None = None,
+    experts: SparseExperts | None = None,
 ) -> dict[str, LinearResult]:
     """Calibrates every linear of `layer` (already on `device`) group by group, in place.
 
@@ -142,6 +152,11 @@ def calibrate_layer(
     weight_dtype: the dtype the checkpoint and kernel hold the weights and scales in (default: the
     layer's; given when the layer computes in a wider one, streaming.compute_dtype). The
     dequantized weights are rounded to it, then held in the layer's dtype.
+    experts: the layer's MLP is a sparse MoE block whose expert linears are among the groups (one
+    group of every expert's gate/up, one of every down): each expert's statistics are its routed
+    tokens, weighted by token weight x router weight^2 (tlq_vllm/calibrate/experts.py); its token
+    set is its block's (experts.token_set_name). An expert with fewer than MIN_EXPERT_TOKENS rows is
+    rounded to nearest (fallback_rtn; result.tokens says how many it had).
     """
     if mode not in MODES:
         raise ValueError(f"unknown calibration mode {mode!r}; choose one of {MODES}")
@@ -158,7 +173,11 @@ def calibrate_layer(
         linears = [layer.get_submodule(n) for n in group]
         owners = dist.owners([lin.out_features * lin.in_features**2 for lin in linears])  # GPTQ cost ~ out * in^2
         owner_of = dict(zip(group, owners, strict=True))
-        source = shared_statistics(group, token_sets, owner_of)
+        expert_of = {n: experts.expert_of(n) for n in group} if experts is not None else {}
+        routed = any(expert_of.values())
+        sets = {n: token_sets[experts.token_set_name(n) if experts is not None else n] for n in group}
+        input_of = {n: expert_of[n][0] if routed else 0 for n in group}  # linears that share an input
+        source = shared_statistics(group, sets, owner_of, input_of)
         summed = {n: owner_of[n] for n in group if source[n] == n}  # the linears whose statistics are summed
         owned = [n for n in summed if owner_of[n] == dist.rank]
         in_features = linears[0].in_features
@@ -171,16 +190,17 @@ def calibrate_layer(
                 kw = to_device(kwargs[s], device)
                 if mode == "fp":
                     with _fp_weights(layer, originals, quantized):
-                        x = capture_linear_inputs(layer, group, fp_hiddens[s].to(device), kw).float()  # [T, in]
+                        x = _group_inputs(layer, group, fp_hiddens[s].to(device), kw, experts if routed else None)
                 else:
                     with activation_fake_quant(quantized, scheme):
-                        x = capture_linear_inputs(layer, group, hiddens[s].to(device), kw).float()  # [T, in]
+                        x = _group_inputs(layer, group, hiddens[s].to(device), kw, experts if routed else None)
                     if scheme.quantizes_activations:  # what the int8 kernel multiplies
-                        x = fake_quantize_activations_per_token(x, scheme.act_bits, kernel="cpu", dtype=torch.float32)
+                        x = _map_inputs(x, lambda t: fake_quantize_activations_per_token(
+                            t, scheme.act_bits, kernel="cpu", dtype=torch.float32))
                 if mode == "asymmetric":
                     with _fp_weights(layer, originals, quantized):
-                        x_fp = capture_linear_inputs(layer, group, fp_hiddens[s].to(device), kw).float()  # [T, in]
-            mine = functools.partial(_kept_tokens, token_sets, s, x, x_fp if mode == "asymmetric" else None, device) \
+                        x_fp = _group_inputs(layer, group, fp_hiddens[s].to(device), kw)
+            mine = functools.partial(_kept_tokens, sets, s, x, x_fp if mode == "asymmetric" else None, device) \
                 if s < len(kwargs) else None
             # each Hessian is summed where it is solved, one sample at a time in the global sample order
             for name, tokens in dist.to_owners_in_sample_order(s, counts, mine, summed, device):
@@ -194,34 +214,63 @@ def calibrate_layer(
                 if mode == "asymmetric":
                     weight = asymmetric_target(originals[name].float(), hessian, cross[source[name]].float(),
                                                options.damp)
-                result = quantize_linear(weight, hessian, scheme, options, dtype)
+                rows = hessians[source[name]].num_tokens if routed else None
+                too_few = rows is not None and rows < MIN_EXPERT_TOKENS and options.solver != RTN
+                result = quantize_linear(weight, hessian, scheme, replace(options, solver=RTN) if too_few else options,
+                                         dtype)
+                result = replace(result, fallback_rtn=result.fallback_rtn or too_few, tokens=rows)
             result = dist.broadcast(result, owner)
             linear.weight.data = dequantize(result.qweight.to(device), result.scales.to(device), scheme, dtype
                                             ).to(layer_dtype)
-            results[name] = LinearResult(
-                result.qweight.cpu(), result.scales.cpu(), result.error_rtn, result.error, result.fallback_rtn
-            )
+            results[name] = replace(result, qweight=result.qweight.cpu(), scales=result.scales.cpu())
             quantized.append(linear)
     return results
 
 
-def shared_statistics(group: tuple[str, ...], token_sets: Mapping[str, TokenSet], owner_of: dict[str, int]
-                      ) -> dict[str, str]:
-    """Each linear's source of statistics: the first linear of its group with the same token set
-    (one object: the same tokens and weights, as every linear has under uniform weights) solved by
-    the same rank. Linears of a group share their input, so they then share one Hessian (and cross
-    matrix): summed once, the same bits as summing it for each (q, k, v: 3 sums -> 1; gate, up: 2 -> 1)."""
-    return {name: next(n for n in group if token_sets[n] is token_sets[name] and owner_of[n] == owner_of[name])
+def shared_statistics(group: tuple[str, ...], token_sets: Mapping[str, TokenSet], owner_of: dict[str, int],
+                      input_of: dict[str, int] | None = None) -> dict[str, str]:
+    """Each linear's source of statistics: the first linear of its group with the same input
+    (input_of: a key per linear; None: the group shares one, as dense groups do; an expert group's
+    linears share their expert's), the same token set (one object: the same tokens and weights, as
+    every linear has under uniform weights) and the same solving rank. They then share one Hessian
+    (and cross matrix): summed once, the same bits as summing it for each (q, k, v: 3 sums -> 1;
+    gate, up: 2 -> 1, for each expert too)."""
+    same_input = input_of or dict.fromkeys(group, 0)
+    return {name: next(n for n in group if token_sets[n] is token_sets[name] and owner_of[n] == owner_of[name]
+                       and same_input[n] == same_input[name])
             for name in group}
 
 
-def _kept_tokens(token_sets: Mapping[str, TokenSet], s: int, x: torch.Tensor, x_fp: torch.Tensor | None, device,
+def _group_inputs(layer: torch.nn.Module, group: tuple[str, ...], hidden: torch.Tensor, kwargs: dict,
+                  experts: SparseExperts | None = None) -> dict[str, torch.Tensor | RoutedInputs]:
+    """Each linear of `group` and what it receives for one sample, in float32: one [T, in] tensor that
+    the group shares, or (an expert group) each expert's RoutedInputs."""
+    if experts is None:
+        x = capture_linear_inputs(layer, group, hidden, kwargs).float()  # [T, in]
+        return dict.fromkeys(group, x)
+    return _map_inputs(routed_inputs(layer, experts, group, hidden, kwargs), torch.Tensor.float)
+
+
+def _map_inputs(inputs: dict, fn) -> dict:
+    """fn applied once to each distinct input tensor (an expert's RoutedInputs: to its rows)."""
+    done: dict[int, object] = {}
+    for value in inputs.values():
+        if id(value) not in done:
+            done[id(value)] = replace(value, x=fn(value.x)) if isinstance(value, RoutedInputs) else fn(value)
+    return {name: done[id(value)] for name, value in inputs.items()}
+
+
+def _kept_tokens(token_sets: Mapping[str, TokenSet], s: int, inputs: dict, inputs_fp: dict | None, device,
                  name: str) -> tuple:
     """Sample s's contribution to linear `name`'s statistics: the kept tokens' inputs [k, in], their
-    weights [k] and, for the asymmetric target, their FP-path inputs [k, in]."""
+    weights [k] and, for the asymmetric target, their FP-path inputs [k, in]. An expert linear's
+    are its routed rows under the token set (experts.routed_token_weights)."""
     tokens = token_sets[name]
     idx, w = tokens.indices[s].to(device), tokens.weights[s].to(device)
-    return (x[idx], w) if x_fp is None else (x[idx], w, x_fp[idx])
+    x = inputs[name]
+    if isinstance(x, RoutedInputs):
+        return routed_token_weights(x, idx, w)
+    return (x[idx], w) if inputs_fp is None else (x[idx], w, inputs_fp[name][idx])
 
 
 def _add_tokens(hessian: HessianAccumulator, cross: torch.Tensor | None, x_k: torch.Tensor, w: torch.Tensor,

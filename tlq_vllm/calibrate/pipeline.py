@@ -35,6 +35,7 @@ from tlq_vllm.calibrate.data import (
     open_image,
 )
 from tlq_vllm.calibrate.distributed import init_from_env
+from tlq_vllm.calibrate.experts import linearize_experts
 from tlq_vllm.calibrate.export import DiskFullError, write_checkpoint
 from tlq_vllm.calibrate.hostmem import read_tensors, safetensors_files
 from tlq_vllm.calibrate.layerwise import LinearResult, rtn_layer
@@ -116,6 +117,8 @@ def load_model(model_ref: str, config: CalibrationConfig, *, weights_in_memory: 
         )
     model.eval()
     model.requires_grad_(False)
+    if adapter.sparse_experts is not None:  # one linear per expert and projection, to hook, solve and export
+        linearize_experts(model, adapter.layers(model), adapter.sparse_experts)
     processor = AutoProcessor.from_pretrained(model_ref, trust_remote_code=config.trust_remote_code)
     return model, processor, adapter
 
@@ -123,7 +126,7 @@ def load_model(model_ref: str, config: CalibrationConfig, *, weights_in_memory: 
 def check_shapes(model, adapter: ModelAdapter, scheme: Scheme) -> None:
     """Every target linear's input features must divide into the scheme's groups."""
     for l, layer in enumerate(adapter.layers(model)):
-        for name in target_linears(adapter):
+        for name in target_linears(adapter, adapter.num_experts(model.config)):
             in_features = layer.get_submodule(name).in_features
             if scheme.group_size and in_features % scheme.group_size:
                 raise ConfigError(
@@ -250,6 +253,11 @@ def run(config: CalibrationConfig) -> Path:
             model_ref, config, weights_in_memory=not get_method(config.method).needs_data(config.smoothquant_alpha))
         ctx = RunContext.build(config, model, processor, adapter, device, dist, log)
         check_shapes(model, adapter, ctx.scheme)
+        if adapter.sparse_experts is not None and ctx.mode == "asymmetric":
+            raise ConfigError(
+                f"--asymmetric-target is not supported for {adapter.family}: an expert's tokens on the quantized "
+                "path are not the ones the router sends it on the FP path, so there is no FP row to pair with each"
+            )
         if ctx.quantize_vision and adapter.vision_quantization_unsupported:
             raise ConfigError(
                 f"--quantize-vision is not supported for {adapter.family}: {adapter.vision_quantization_unsupported}"
@@ -385,13 +393,13 @@ def calibrate_model(ctx: RunContext, all_samples: list, partial: PartialRun,
         smooth_layer(ctx, layer, hiddens, kwargs, dtype)
 
     results = calibrate_stack(
-        ctx, ctx.layers, ctx.adapter.decoder_groups, [c.hidden for c in caught], [kwargs] * len(ctx.layers),
+        ctx, ctx.layers, ctx.groups, [c.hidden for c in caught], [kwargs] * len(ctx.layers),
         weighting.sets, label="layer",
         fp_hiddens=[c.hidden for c in fp_caught] if ctx.mode != "exposed" else None,
         injections=[c.injection for c in caught], fp_injections=[c.injection for c in fp_caught],
         before_block=smooth if ctx.smoothquant_alpha is not None else None,
         finished=finished, apply_finished=lambda layer, done, dtype: apply_results(layer, done, ctx.scheme, dtype),
-        save=partial.save_layer,
+        save=partial.save_layer, experts=ctx.adapter.sparse_experts,
     )
     return results, vision_results, extra
 
@@ -400,7 +408,7 @@ def smooth_layer(ctx: RunContext, layer, hiddens, kwargs, dtype: torch.dtype) ->
     """SmoothQuant on this layer's norm -> linear pairs, from the layer's (quantized-path) inputs;
     the smoothed weights are rounded to `dtype` (the model's)."""
     for norm_name, group_index in ctx.adapter.smooth_pairs:
-        group = ctx.adapter.decoder_groups[group_index]
+        group = ctx.groups[group_index]
         linears = [layer.get_submodule(n) for n in group]
         absmax = None
         for hidden, kw in zip(hiddens, kwargs, strict=True):

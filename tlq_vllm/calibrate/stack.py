@@ -20,9 +20,10 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from tlq_vllm.calibrate.layerwise import LinearResult, activation_fake_quant, calibrate_layer
+from tlq_vllm.calibrate.layerwise import MIN_EXPERT_TOKENS, LinearResult, activation_fake_quant, calibrate_layer
 from tlq_vllm.calibrate.streaming import ResidualInjection, on_device, parameter_dtype, run_layer
 from tlq_vllm.calibrate.tokensets import BlockTokenSets
+from tlq_vllm.models.adapters import SparseExperts
 
 BlockResults = dict[str, LinearResult]
 
@@ -30,7 +31,31 @@ BlockResults = dict[str, LinearResult]
 def block_provenance(results: BlockResults) -> dict:
     """What the provenance file records of one block's linears."""
     return {name: {"weighted_error_rtn": r.error_rtn, "weighted_error": r.error, "fallback_rtn": r.fallback_rtn}
+            | ({"tokens": r.tokens} if r.tokens is not None else {})
             for name, r in results.items()}
+
+
+def log_expert_tokens(ctx, label: str, b: int, results: BlockResults) -> None:
+    """Per MoE block: how many calibration rows its experts' Hessians got (gate/up rows; down sees the
+    same), and one warning naming the experts that had too few and were rounded to nearest."""
+    counts = {n.rsplit(".", 1)[0]: r.tokens for n, r in results.items() if r.tokens is not None}
+    if not counts:
+        return
+    few = sorted({n.rsplit(".", 1)[0] for n, r in results.items() if r.tokens is not None and r.fallback_rtn
+                  and r.tokens < MIN_EXPERT_TOKENS})
+    ordered = sorted(counts.values())
+    ctx.log.event(
+        "expert-tokens",
+        f"{label} {b:3d}: tokens per expert min {ordered[0]}, median {ordered[len(ordered) // 2]}, max {ordered[-1]}",
+        **{label.split()[-1]: b}, tokens=counts,
+    )
+    if few:
+        ctx.log.event(
+            "expert-warning",
+            f"warning: {label} {b}: {len(few)} experts got fewer than {MIN_EXPERT_TOKENS} calibration tokens and "
+            f"were rounded to nearest: {', '.join(f'{n} ({counts[n]})' for n in few)}; more --num-samples reach more "
+            "experts", **{label.split()[-1]: b}, experts=few,
+        )
 
 
 def calibrate_stack(
@@ -49,6 +74,7 @@ def calibrate_stack(
     finished: dict[int, BlockResults] | None = None,
     apply_finished: Callable[[torch.nn.Module, BlockResults, torch.dtype], None] | None = None,
     save: Callable[[int, BlockResults], None] | None = None,
+    experts: SparseExperts | None = None,
 ) -> dict[int, BlockResults]:
     """Calibrates every block of the stack in order; returns each block's results by index.
 
@@ -61,7 +87,8 @@ def calibrate_stack(
     applied with apply_finished(block, results, weight dtype) instead of solving again); save(b,
     results) stores a new block's. Each block computes in ctx.compute_dtype while it is on the
     device (streaming.compute_dtype); its weights are rounded to its own dtype.
-    label ("layer", "vision block") names the log events and the progress bar."""
+    label ("layer", "vision block") names the log events and the progress bar. experts: the blocks'
+    MLPs are sparse MoE blocks (their expert linears are among the groups; layerwise.calibrate_layer)."""
     names = [name for group in groups for name in group]
     finished = finished or {}
     device, scheme = ctx.device, ctx.scheme
@@ -84,7 +111,7 @@ def calibrate_stack(
             else:
                 results[b] = calibrate_layer(block, groups, hiddens, block_kwargs, token_sets[b], scheme, ctx.solver,
                                              device=device, fp_hiddens=fp_hiddens, mode=ctx.mode, dist=ctx.dist,
-                                             weight_dtype=weight_dtype)
+                                             weight_dtype=weight_dtype, experts=experts)
                 if save is not None:
                     save(b, results[b])
                 before = sum(r.error_rtn for r in results[b].values())
@@ -96,6 +123,7 @@ def calibrate_stack(
                     f"({time.time() - t0:.1f}s)" + (f"; RTN fallback in {fallbacks}" if fallbacks else ""),
                     **{key: b}, error_rtn=before, error=after, seconds=time.time() - t0, fallback=fallbacks,
                 )
+                log_expert_tokens(ctx, label, b, results[b])
             if not last:
                 with activation_fake_quant([block.get_submodule(n) for n in names], scheme):
                     hiddens = run_layer(block, hiddens, block_kwargs, device, injections, b)

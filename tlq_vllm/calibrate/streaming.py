@@ -274,6 +274,26 @@ def run_layer(
     return outputs
 
 
+def capture_module_inputs(layer: torch.nn.Module, module_name: str, hidden: torch.Tensor, kwargs: dict) -> tuple:
+    """Runs `layer` until its submodule `module_name` is called and returns that call's positional
+    arguments (detached, in the dtype the layer computes in). The forward stops right there: the
+    rest of the layer is not computed."""
+    caught: dict = {}
+
+    def hook(_module, args):
+        caught["args"] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        raise _StopForward
+
+    handle = layer.get_submodule(module_name).register_forward_pre_hook(hook)
+    dtype = parameter_dtype(layer)
+    try:
+        with torch.no_grad(), contextlib.suppress(_StopForward):
+            layer_forward(layer, hidden.to(dtype), to_device(kwargs, hidden.device, dtype))
+    finally:
+        handle.remove()
+    return caught["args"]
+
+
 def capture_linear_inputs(
     layer: torch.nn.Module,
     linear_names: tuple[str, ...],
@@ -287,19 +307,5 @@ def capture_linear_inputs(
     The linears of one group share their input, so one capture serves the group. The forward
     stops right there: the rest of the layer is not computed.
     """
-    caught: dict = {}
-    target = layer.get_submodule(linear_names[0])
-
-    def hook(_module, args):
-        caught["x"] = args[0].detach()
-        raise _StopForward
-
-    handle = target.register_forward_pre_hook(hook)
-    dtype = parameter_dtype(layer)
-    try:
-        with torch.no_grad(), contextlib.suppress(_StopForward):
-            layer_forward(layer, hidden.to(dtype), to_device(kwargs, hidden.device, dtype))
-    finally:
-        handle.remove()
-    x = caught["x"].to(hidden.dtype)
+    x = capture_module_inputs(layer, linear_names[0], hidden, kwargs)[0].to(hidden.dtype)
     return x.reshape(-1, x.shape[-1])  # [1, T, in] -> [T, in]

@@ -230,7 +230,7 @@ def decoder_token_sets(ctx, caught: list[LayerInputs], samples: list, all_roles:
 
     caught and samples are this rank's shard; all_roles is every sample's, so that integration
     and token selection see every token, exactly as one process does, before each set is sharded."""
-    dist, names, layers = ctx.dist, ctx.linear_names, ctx.layers
+    dist, names, layers = ctx.dist, ctx.token_set_names, ctx.layers
     local_roles = dist.shard(all_roles)
     if not ctx.method.needs_gradients:
         return TokenWeighting(uniform_sets(local_roles, len(layers), names), {}, None)

@@ -107,6 +107,43 @@ class ResidualInjectionArgs:
     values: str
 
 
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class SparseExperts:
+    """A decoder whose MLP is a sparse mixture of experts (Qwen3-VL-MoE): where the MoE block, its
+    router and its experts are in a decoder layer, and how transformers stores the experts (3D
+    tensors: gate and up stacked [E, 2I, H], down [E, H, I]). The calibrator turns the experts
+    into one linear per expert and projection (tlq_vllm/calibrate/experts.py), named
+    `<experts>.<e>.<gate_proj|up_proj|down_proj>` as vLLM's per-expert checkpoints are."""
+
+    block: str = "mlp"  # the MoE block: its output gradient is every expert linear's token importance
+    experts: str = "mlp.experts"
+    router: str = "mlp.gate"  # kept in the model dtype, like llm-compressor's MoE recipes
+    fused_gate_up: str = "gate_up_proj"
+    fused_down: str = "down_proj"
+    count: ConfigKey = _key("num_experts", "num_local_experts")  # transformers 5.19 saves the second name
+    top_k: ConfigKey = _key("num_experts_per_tok")
+    width: ConfigKey = _key("moe_intermediate_size")
+
+    def groups(self, num_experts: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The MLP's two groups in execution order: every expert's gate and up, then every down."""
+        gate_up = tuple(f"{self.experts}.{e}.{p}" for e in range(num_experts) for p in EXPERT_PROJECTIONS[:2])
+        return gate_up, tuple(f"{self.experts}.{e}.down_proj" for e in range(num_experts))
+
+    def expert_of(self, name: str) -> tuple[int, str] | None:
+        """(expert index, projection) of an expert linear's name, None for any other linear."""
+        index, _, projection = name.removeprefix(self.experts + ".").partition(".")
+        if not name.startswith(self.experts + ".") or not index.isdigit() or projection not in EXPERT_PROJECTIONS:
+            return None
+        return int(index), projection
+
+    def token_set_name(self, name: str) -> str:
+        """The token set an expert linear's rows come from: the MoE block's (its inputs' positions)."""
+        return self.block if self.expert_of(name) else name
+
+
 @dataclass(frozen=True)
 class ModelAdapter:
     """Where the parts of one VLM family live and how its checkpoints are laid out on the hub."""
@@ -139,7 +176,31 @@ class ModelAdapter:
     # (prefix written by transformers 5.19's save_pretrained, prefix of the hub layout that
     # vLLM and older transformers read): applied to the saved tensor names.
     saved_key_renames: tuple[tuple[str, str], ...] = ()
+    # name suffixes of 3D tensors that the hub layout stores with their last two dimensions swapped
+    saved_transposed: tuple[str, ...] = ()
     residual_injections: ResidualInjectionArgs | None = None  # None: the decoder layers are the whole stream
+    # the decoder MLP is a sparse MoE (decoder_groups then holds the attention groups only)
+    sparse_experts: SparseExperts | None = None
+
+    def num_experts(self, hf_config) -> int:
+        """The experts per MoE block of a loaded model's config (0: a dense MLP)."""
+        if self.sparse_experts is None:
+            return 0
+        return int(self.sparse_experts.count.read(hf_config.get_text_config().to_dict()))
+
+    def layer_groups(self, num_experts: int = 0) -> tuple[tuple[str, ...], ...]:
+        """The decoder layer's linear groups in execution order; with sparse experts, the MLP's
+        groups of its `num_experts` experts follow the attention's."""
+        if self.sparse_experts is None:
+            return self.decoder_groups
+        return self.decoder_groups + self.sparse_experts.groups(num_experts)
+
+    def token_set_names(self, groups: tuple[tuple[str, ...], ...]) -> list[str]:
+        """The names whose token sets the importance pass measures and the token-set stage builds: the
+        linears, with every expert linear's replaced by its MoE block's (once)."""
+        if self.sparse_experts is None:
+            return [n for g in groups for n in g]
+        return list(dict.fromkeys(self.sparse_experts.token_set_name(n) for g in groups for n in g))
 
     def layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return model.get_submodule(self.decoder_layers)
@@ -196,6 +257,21 @@ QWEN3_VL = ModelAdapter(
         module="model.language_model", positions="visual_pos_masks", values="deepstack_visual_embeds"),
 )
 
+# Qwen3-VL-MoE (30B-A3B, 235B-A22B): Qwen3-VL with every decoder MLP a sparse MoE block (a router and
+# 128 experts, 8 per token; no shared expert). Attention linears as Qwen3-VL's; each expert's three
+# linears quantized, the router kept. SmoothQuant folds into the attention's norm only: the MLP norm
+# also feeds the router, whose logits a folded scale would change unless the router took it too.
+QWEN3_VL_MOE = replace(
+    QWEN3_VL,
+    family="qwen3-vl-moe",
+    model_types=("qwen3_vl_moe",),
+    decoder_groups=QWEN2_DECODER_GROUPS[:2],
+    decoder_linear_shapes=QWEN2_DECODER_SHAPES[:4],
+    smooth_pairs=(("input_layernorm", 0),),
+    sparse_experts=SparseExperts(),
+    saved_transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+)
+
 ADAPTERS: tuple[ModelAdapter, ...] = (
     QWEN2_VL,
     # Qwen2.5-VL: the same layout; its vision MLP is gated (and alternates window/full attention)
@@ -219,6 +295,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
         saved_key_renames=(("vision_tower.", "vision_tower.vision_model."),),
     ),
     QWEN3_VL,
+    QWEN3_VL_MOE,
 )
 
 
@@ -238,13 +315,16 @@ def adapter_for_model_type(model_type: str) -> ModelAdapter:
 
 
 def rename_saved_keys(model_dir: Path, adapter: ModelAdapter) -> None:
-    """Rewrites tensor names in `model_dir/*.safetensors` to the hub layout vLLM reads.
+    """Rewrites tensors in `model_dir/*.safetensors` to the hub layout vLLM reads.
 
     transformers 5.19 saves LLaVA-OneVision's SigLIP tower as `vision_tower.encoder...` while
     the hub checkpoints (and vLLM's loader) use `vision_tower.vision_model.encoder...`;
-    transformers itself reads both.
+    transformers itself reads both. It saves Qwen3-VL-MoE's fused experts in its in-memory
+    orientation ([E, 2I, H], [E, H, I]) while the hub's are transposed ([E, H, 2I], [E, I, H]),
+    which vLLM expects (is_fused_checkpoint_transposed) and transformers reads both ways
+    (its conversion transposes whichever does not fit).
     """
-    if not adapter.saved_key_renames:
+    if not adapter.saved_key_renames and not adapter.saved_transposed:
         return
     import json
 
@@ -256,9 +336,12 @@ def rename_saved_keys(model_dir: Path, adapter: ModelAdapter) -> None:
                 return new + key[len(old) :]
         return key
 
+    def oriented(key: str, tensor):
+        return tensor.transpose(1, 2).contiguous() if key.endswith(adapter.saved_transposed) else tensor
+
     for shard in sorted(Path(model_dir).glob("*.safetensors")):
         tensors = load_file(shard)
-        save_file({renamed(k): v for k, v in tensors.items()}, shard, metadata={"format": "pt"})
+        save_file({renamed(k): oriented(k, v) for k, v in tensors.items()}, shard, metadata={"format": "pt"})
     index = Path(model_dir) / "model.safetensors.index.json"
     if index.exists():
         data = json.loads(index.read_text())

@@ -29,7 +29,7 @@ from pathlib import Path
 from tlq_vllm.models.adapters import adapter_for_model_type, rename_saved_keys
 from tlq_vllm.paths import cache_root
 
-FIXTURE_FORMAT_VERSION = 1
+FIXTURE_FORMAT_VERSION = 2
 
 # Chat templates: the families' own (abridged to image + text content, which is what this
 # project uses; video placeholders kept so the processors' expectations hold).
@@ -95,12 +95,24 @@ class TextDims:
 
 
 @dataclass(frozen=True)
+class ExpertDims:
+    """A sparse MoE decoder's experts (Qwen3-VL-MoE): every layer's MLP is `count` experts of width
+    `intermediate_size`, `top_k` of them per token."""
+
+    count: int = 4
+    top_k: int = 2
+    intermediate_size: int = 384  # a multiple of the 128 groups, and neither it nor twice it is the hidden 256: the
+    # fused tensors are not square, so their saved orientation (the hub's, transposed) is unambiguous to loaders
+
+
+@dataclass(frozen=True)
 class FixtureRecipe:
     """Everything that decides a fixture's files; its hash is the cache key."""
 
     name: str
-    family: str  # "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "llava_onevision"
+    family: str  # "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "qwen3_vl_moe" | "llava_onevision"
     text: TextDims = field(default_factory=TextDims)
+    experts: ExpertDims | None = None  # the MoE families' experts (None: a dense MLP)
     vision_hidden_size: int = 128
     vision_intermediate_size: int = 512
     vision_depth: int = 2
@@ -130,6 +142,8 @@ FIXTURES: dict[str, FixtureRecipe] = {
         FixtureRecipe("llava-onevision", "llava_onevision"),
         # Qwen3-VL: three deepstack levels (vision blocks 0-2 feed decoder layers 0-2), block 3 the merger
         FixtureRecipe("qwen3-vl", "qwen3_vl", vision_depth=4),
+        # Qwen3-VL-MoE: the same, with every decoder MLP 4 experts of which 2 route each token
+        FixtureRecipe("qwen3-vl-moe", "qwen3_vl_moe", vision_depth=4, experts=ExpertDims()),
     )
 }
 
@@ -334,7 +348,7 @@ def make_config(recipe: FixtureRecipe, tokenizer):
             vision_feature_layer=-1,
             architectures=["LlavaOnevisionForConditionalGeneration"],
         )
-    if recipe.family == "qwen3_vl":
+    if recipe.family in ("qwen3_vl", "qwen3_vl_moe"):
         return qwen3_vl_config(recipe, tokenizer)
     raise ValueError(f"unknown fixture family {recipe.family!r}")
 
@@ -348,20 +362,27 @@ QWEN3_VL_PATCH = 16
 
 def qwen3_vl_config(recipe: FixtureRecipe, tokenizer):
     """Qwen3-VL: a Qwen3 decoder (q/k RMS norms, explicit head_dim, no biases, interleaved M-RoPE)
-    and a ViT with learned positions whose intermediate blocks feed the deepstack mergers."""
-    from transformers import Qwen3VLConfig
+    and a ViT with learned positions whose intermediate blocks feed the deepstack mergers; with
+    recipe.experts, Qwen3-VL-MoE: every decoder MLP a sparse MoE block (router + experts)."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
     ids = tokenizer.convert_tokens_to_ids
     head_dim = recipe.text.hidden_size // recipe.text.num_attention_heads
     unit = head_dim // 32  # Qwen3-VL's [24, 20, 20] of head_dim 128, scaled to this head_dim
     text_cfg = {
         **text_config_dict(recipe, tokenizer, mrope=False),
-        "model_type": "qwen3_vl_text",
+        "model_type": "qwen3_vl_moe_text" if recipe.experts else "qwen3_vl_text",
         "head_dim": head_dim,
         "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_interleaved": True,
                             "mrope_section": [6 * unit, 5 * unit, 5 * unit]},
     }
-    return Qwen3VLConfig(
+    config_cls, architecture = Qwen3VLConfig, "Qwen3VLForConditionalGeneration"
+    if recipe.experts:
+        e = recipe.experts
+        text_cfg |= {"num_experts": e.count, "num_experts_per_tok": e.top_k, "decoder_sparse_step": 1,
+                     "moe_intermediate_size": e.intermediate_size, "mlp_only_layers": [], "norm_topk_prob": True}
+        config_cls, architecture = Qwen3VLMoeConfig, "Qwen3VLMoeForConditionalGeneration"
+    return config_cls(
         text_config=text_cfg,
         vision_config={
             "depth": recipe.vision_depth,
@@ -378,7 +399,7 @@ def qwen3_vl_config(recipe: FixtureRecipe, tokenizer):
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=recipe.text.tie_word_embeddings,
-        architectures=["Qwen3VLForConditionalGeneration"],
+        architectures=[architecture],
     )
 
 
@@ -421,7 +442,7 @@ def make_processor(recipe: FixtureRecipe, tokenizer, *, max_pixels: int | None =
             tokenizer=tokenizer,
             chat_template=QWEN2_VL_CHAT_TEMPLATE,
         )
-    if recipe.family == "qwen3_vl":  # Qwen2-VL's image processor at 16-pixel patches, mean and std 0.5
+    if recipe.family in ("qwen3_vl", "qwen3_vl_moe"):  # Qwen2-VL's image processor, 16-pixel patches, mean/std 0.5
         size = {"shortest_edge": QWEN3_MIN_PIXELS, "longest_edge": max_pixels or QWEN3_MAX_PIXELS}
         pixels = {"patch_size": QWEN3_VL_PATCH, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": size}
         return Qwen3VLProcessor(

@@ -11,6 +11,9 @@ packed kernel per layer (see packed_wna16):
 - on CPU, symmetric 4- and 8-bit weight-only too: vLLM's CPUWNA16 kernel exists in its AVX-512
   builds only and is 4-bit only; the scheme uses it where it exists and torch's packed int4/int8
   kernels where it does not.
+MoE experts (Qwen3-VL-MoE) go to vLLM's compressed-tensors MoE methods, except on CPUs without AMX,
+where vLLM has no quantized MoE kernel and the experts are dequantized once at load
+(`TLQDequantizedMoEMethod`, a logged last resort).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
 from vllm.platforms import current_platform
 
+from tlq_vllm.vllm_plugin.dequantized_moe import TLQDequantizedMoEMethod, cpu_has_quantized_moe_kernel
 from tlq_vllm.vllm_plugin.packed_wna16 import (
     TLQPackedWNA16Scheme,
     cpu_has_wna16_gemm,
@@ -58,6 +63,16 @@ class TLQConfig(CompressedTensorsConfig):
                 "Drop --quantization to let vLLM pick its own method."
             )
         return None
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, RoutedExperts) and current_platform.is_cpu() and not cpu_has_quantized_moe_kernel():
+            self._add_fused_moe_to_target_scheme_map()
+            scheme_dict = self.get_scheme_dict(layer, f"{prefix}.0.{layer.ckpt_gate_proj_name}")
+            weights = scheme_dict.get("weights") if scheme_dict else None
+            if weights is not None and weights.type == "int":
+                packed = scheme_dict.get("format") == "pack-quantized"
+                return TLQDequantizedMoEMethod(layer.moe_config, weights, packed, scheme_label(scheme_dict))
+        return super().get_quant_method(layer, prefix)
 
     def get_scheme(self, layer: torch.nn.Module, layer_name: str | None = None):
         scheme_dict = self.get_scheme_dict(layer, layer_name)
