@@ -17,10 +17,10 @@ from tlq_vllm.testing import build_fixture
 pytestmark = pytest.mark.slow
 
 
-def calibrate(out, *args, nproc=1, num_samples=6):
+def calibrate(out, *args, nproc=1, num_samples=6, fixture="qwen2-vl"):
     """One CLI run in a fresh process with default flags; threads pinned to 1 per process, as
     torchrun does per rank: a CPU BLAS's float summation order depends on its thread count."""
-    cmd = [sys.executable, "-m", "tlq_vllm.calibrate", "--model", str(build_fixture("qwen2-vl")),
+    cmd = [sys.executable, "-m", "tlq_vllm.calibrate", "--model", str(build_fixture(fixture)),
            "--num-samples", str(num_samples), "--output", str(out), "--no-progress", "--collective-timeout", "60",
            *args]
     if nproc > 1:
@@ -29,19 +29,20 @@ def calibrate(out, *args, nproc=1, num_samples=6):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("method, scheme, flags", [
-    ("rtn", "W4A16", ()), ("gptq", "W4A16", ()), ("mbq", "W4A16", ()), ("tlq", "W4A16", ()),
-    ("smoothquant", "W8A8", ()),
-    ("tlq", "W4A16", ("--asymmetric-target",)),  # the FP-path inputs travel with the quantized-path ones
-    ("gptq", "W4A16", ("--hessian-dtype", "float64")),
+@pytest.mark.parametrize("method, scheme, flags, fixture", [
+    ("rtn", "W4A16", (), "qwen2-vl"), ("gptq", "W4A16", (), "qwen2-vl"), ("mbq", "W4A16", (), "qwen2-vl"),
+    ("tlq", "W4A16", (), "qwen2-vl"), ("smoothquant", "W8A8", (), "qwen2-vl"),
+    ("tlq", "W4A16", ("--asymmetric-target",), "qwen2-vl"),  # the FP-path inputs travel with the quantized-path ones
+    ("gptq", "W4A16", ("--hessian-dtype", "float64"), "qwen2-vl"),
+    ("tlq", "W4A16", (), "qwen3-vl-moe"),  # each expert's routed rows (a different count per rank) travel too
 ])
-def test_two_ranks_give_the_single_process_checkpoint(tmp_path, method, scheme, flags):
+def test_two_ranks_give_the_single_process_checkpoint(tmp_path, method, scheme, flags, fixture):
     """5 samples: rank 0 holds 3, rank 1 holds 2 (an uneven shard). Before the Hessians were summed
     in sample order, float32 all-reduces changed 4-7% of the stored elements for gptq, mbq and tlq here."""
     args = ("--method", method, "--scheme", scheme, *flags)
-    single = calibrate(tmp_path / "single", *args, num_samples=5)
+    single = calibrate(tmp_path / "single", *args, num_samples=5, fixture=fixture)
     assert single.returncode == 0, single.stderr[-2000:]
-    double = calibrate(tmp_path / "double", *args, nproc=2, num_samples=5)
+    double = calibrate(tmp_path / "double", *args, nproc=2, num_samples=5, fixture=fixture)
     assert double.returncode == 0, double.stderr[-2000:]
     a, b = load_file(tmp_path / "single" / "model.safetensors"), load_file(tmp_path / "double" / "model.safetensors")
     assert a.keys() == b.keys()
