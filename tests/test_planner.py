@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from tlq_vllm.calibrate.config import CalibrationConfig
+from tlq_vllm.calibrate.config import CalibrationConfig, available_recipes
 from tlq_vllm.calibrate.methods import METHOD_NAMES
 from tlq_vllm.calibrate.planner import (
     LEAN,
@@ -43,11 +43,15 @@ PUBLIC_SIZES = {
     "llava-onevision-0.5b": 0.894e9,
     "llava-onevision-7b": 8.03e9,
     "llava-onevision-72b": 73.2e9,
+    "qwen3-vl-2b": 2.13e9,
+    "qwen3-vl-4b": 4.44e9,
+    "qwen3-vl-8b": 8.77e9,
+    "qwen3-vl-32b": 33.4e9,
 }
 RUN = CalibrationConfig(scheme="W4A16", method="tlq", num_samples=128, max_seq_len=2048)
 
 
-def test_the_nine_snapshots_ship():
+def test_every_snapshot_ships():
     assert set(snapshot_names()) == set(PUBLIC_SIZES)
     assert (SNAPSHOT_DIR / "README.md").is_file()
 
@@ -89,7 +93,7 @@ def test_snapshot_parameter_counts_match_transformers(name):
     assert model_dims(saved_layout, name) == model_dims(config, name)
 
 
-@pytest.mark.parametrize("fixture", ["qwen2-vl", "qwen2.5-vl", "llava-onevision"])
+@pytest.mark.parametrize("fixture", ["qwen2-vl", "qwen2.5-vl", "llava-onevision", "qwen3-vl"])
 def test_fixture_plans_and_its_parameter_count_matches(fixture):
     from transformers import AutoModelForImageTextToText
 
@@ -219,11 +223,11 @@ def test_cpu_device_puts_everything_on_the_host():
 
 def test_fit_table_for_24gb_cards():
     rows = fit_table(cards=(1, 2, 4, 8), card_bytes=24 * GiB)
-    assert len(rows) == 9 * 4
+    assert len(rows) == len(PUBLIC_SIZES) * 4
     for r in rows:
         assert r.fits and r.settings == "as given"
-        assert r.device_bytes < (23 if r.model.endswith("72b") else 12) * GiB
-    assert format_fit_table(rows).count("\n") == 9 * 4 + 1
+        assert r.device_bytes < (23 if r.model.endswith(("72b", "32b")) else 12) * GiB
+    assert format_fit_table(rows).count("\n") == len(PUBLIC_SIZES) * 4 + 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,3 +334,14 @@ def test_rtn_with_smoothquant_plans_the_catch_it_runs():
     plain = plan_from_path("qwen2-vl-2b", CalibrationConfig(method="rtn", scheme="W8A8"))
     smoothed = plan_from_path("qwen2-vl-2b", CalibrationConfig(method="rtn", scheme="W8A8", smoothquant_alpha=0.5))
     assert plain.stage("catch").skipped and not smoothed.stage("catch").skipped
+
+
+@pytest.mark.parametrize("recipe", available_recipes())
+def test_every_shipped_recipe_is_valid_and_plans(recipe):
+    """Each recipe in calibrate/ loads into a valid CalibrationConfig, and its model (a snapshot's hub id or
+    a fixture) gets a plan that fits one 24 GiB card as given."""
+    from tlq_vllm.calibrate.cli import config_from_args
+
+    config = config_from_args(["--recipe", recipe]).validate()
+    p = plan_from_path(config.model, config, device_mem_bytes=24 * GiB)
+    assert p.fits_device, format_plan(p)

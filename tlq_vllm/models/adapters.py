@@ -75,6 +75,11 @@ class VisionTowerDims:
     mlp_is_ratio: bool = False
     norm_params: int = 2  # parameters per channel of each norm: 2 for LayerNorm, 1 for RMSNorm
     gated_mlp: bool = False  # gate_proj and up_proj (SwiGLU) instead of one fc1
+    patch_bias: bool = False  # the patch convolution has a bias (Qwen3-VL)
+    positions: ConfigKey | None = None  # learned position embeddings of an untiled tower: their count (Qwen3-VL)
+    # the vision blocks that feed deepstack mergers (a list: each a merger of its own with the norm after the
+    # 2x2 shuffle) whose outputs the decoder adds after its first layers (Qwen3-VL)
+    deepstack: ConfigKey | None = None
 
 
 QWEN2_VL_VISION_DIMS = VisionTowerDims(
@@ -85,6 +90,12 @@ QWEN25_VL_VISION_DIMS = VisionTowerDims(
     width=_key("hidden_size", default=1280), mlp=_key("intermediate_size", default=3420),
     depth=_key("depth", default=32), heads=_key("num_heads", default=16), out=_key("out_hidden_size"),
     norm_params=1, gated_mlp=True,
+)
+QWEN3_VL_VISION_DIMS = VisionTowerDims(  # Qwen3VLVisionConfig's defaults (the 8B's tower)
+    width=_key("hidden_size", default=1152), mlp=_key("intermediate_size", default=4304),
+    depth=_key("depth", default=27), heads=_key("num_heads", default=16), patch=_key("patch_size", default=16),
+    out=_key("out_hidden_size"), patch_bias=True, positions=_key("num_position_embeddings", default=2304),
+    deepstack=_key("deepstack_visual_indexes", default=(8, 16, 24)),
 )
 SIGLIP_VISION_DIMS = VisionTowerDims(  # so400m-patch14-384: LlavaOnevisionConfig's defaults
     width=_key("hidden_size", default=1152), mlp=_key("intermediate_size", default=4304),
@@ -158,6 +169,7 @@ class ModelAdapter:
     decoder_groups: tuple[tuple[str, ...], ...] = QWEN2_DECODER_GROUPS
     decoder_linear_shapes: tuple[tuple[str, str, str], ...] = QWEN2_DECODER_SHAPES  # (name, out, in) widths
     decoder_biases: tuple[str, ...] = QWEN2_DECODER_BIASES
+    decoder_head_norms: bool = False  # RMS norms over each head after q_proj and k_proj (Qwen3): 2 x head_dim
     # the config.json sections of the language model (top-level keys fill in what it lacks) and the tower
     text_config_key: str = "text_config"
     vision_config_key: str = "vision_config"
@@ -242,8 +254,10 @@ QWEN3_VL = ModelAdapter(
     vision_tower="model.visual",
     projector="model.visual.merger",
     decoder_biases=(),
+    decoder_head_norms=True,
     vision_blocks="model.visual.blocks",
     vision_groups=QWEN3_VL_VISION_GROUPS,
+    vision_dims=QWEN3_VL_VISION_DIMS,
     # the deepstack mergers (model.visual.deepstack_merger_list) are under visual: kept in dtype
     ignore_patterns=("re:.*visual.*", "re:.*lm_head"),
     vision_quantized_ignore_patterns=("re:.*visual\\.merger.*", "re:.*visual\\.deepstack_merger_list.*",
@@ -268,6 +282,7 @@ QWEN3_VL_MOE = replace(
     decoder_groups=QWEN2_DECODER_GROUPS[:2],
     decoder_linear_shapes=QWEN2_DECODER_SHAPES[:4],
     smooth_pairs=(("input_layernorm", 0),),
+    vision_dims=None,  # the memory planner does not count experts (their parameters, Hessians, routed rows) yet
     sparse_experts=SparseExperts(),
     saved_transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
 )

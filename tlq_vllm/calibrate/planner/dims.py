@@ -33,6 +33,9 @@ class VisionDims:
     pixels_per_token: int = 0  # image pixels per vision token, for --max-pixels suggestions
     norm_params: int = 2  # per channel of each norm: 2 LayerNorm, 1 RMSNorm
     gated_mlp: bool = False
+    patch_bias: bool = False
+    positions: int = 0  # learned position embeddings (rows of width E)
+    deepstack: int = 0  # deepstack mergers (Qwen3-VL): each adds its features to the decoder stream
 
     @property
     def tiled(self) -> bool:
@@ -113,7 +116,8 @@ class ModelDims:
     def layer_params(self) -> int:
         shapes = self.linear_shapes()
         biases = sum(shapes[name][0] for name in self.adapter.decoder_biases)
-        return self.layer_linear_params + biases + 2 * self.hidden  # + two RMSNorms
+        head_norms = 2 * self.head_dim if self.adapter.decoder_head_norms else 0
+        return self.layer_linear_params + biases + 2 * self.hidden + head_norms  # + two RMSNorms (+ q/k norms)
 
     @property
     def embed_params(self) -> int:
@@ -132,14 +136,16 @@ class ModelDims:
         attn = 4 * (E * E + E)  # q, k, v (or one fused qkv) and the output projection, with biases
         mlp = (2 if v.gated_mlp else 1) * (E * M + M) + (M * E + E)
         block = 2 * norm + attn + mlp
-        patch_embed = v.in_channels * v.temporal_patch * v.patch**2 * E  # the patch convolution's weight
+        patch_embed = v.in_channels * v.temporal_patch * v.patch**2 * E + (E if v.patch_bias else 0)  # convolution
         if v.tiled:  # SigLIP: a biased convolution, learned positions, a final norm; LLaVA's projector
             embeddings = patch_embed + E + (v.image_size // v.patch) ** 2 * E
             projector = (E * out + out) + (out * out + out) + out  # linear_1, linear_2, image_newline
             return embeddings + v.depth * block + norm + projector
-        merged = E * v.merge**2  # Qwen: rotary positions (no parameters); the merger's norm and two linears
-        merger = norm + (merged * merged + merged) + (merged * out + out)
-        return patch_embed + v.depth * block + merger
+        merged = E * v.merge**2  # Qwen: rotary positions; the merger's norm and two linears
+        linears = (merged * merged + merged) + (merged * out + out)
+        merger = norm + linears
+        deepstack = v.deepstack * (v.norm_params * merged + linears)  # each normalises after the 2x2 shuffle
+        return patch_embed + v.positions * E + v.depth * block + merger + deepstack
 
     @property
     def decoder_params(self) -> int:
@@ -210,7 +216,9 @@ def vision_dims(tower: VisionTowerDims, vision_config: dict, text_hidden: int) -
         temporal_patch=int(tower.temporal_patch.read(vision_config)),
         in_channels=int(tower.in_channels.read(vision_config)), out=text_hidden if out is None else int(out),
         image_size=image_size, pixels_per_token=pixels_per_token, norm_params=tower.norm_params,
-        gated_mlp=tower.gated_mlp,
+        gated_mlp=tower.gated_mlp, patch_bias=tower.patch_bias,
+        positions=int(tower.positions.read(vision_config)) if tower.positions else 0,
+        deepstack=len(tower.deepstack.read(vision_config) or ()) if tower.deepstack else 0,
     )
 
 

@@ -400,7 +400,9 @@ def peaks(
     prepared = num_samples if (a.samples_on_every_rank or nproc == 1) else S  # samples whose inputs a rank holds
     sample_inputs = prepared * (T * 25 + Tv * d.vision.pixels_per_token * d.vision.in_channels * 4) if uses_data else 0
     hidden = S * T * H * b  # one copy of every sample's hidden states
-    kwargs = S * T * (4 * d.head_dim + 16)
+    # per sample: position embeddings and mask; and what the model adds to the stream after the first layers
+    # (Qwen3-VL's deepstack: each level's features at the image tokens)
+    kwargs = S * T * (4 * d.head_dim + 16) + S * d.vision.deepstack * Tv * H * b
     base_host = {"runtime": a.host_runtime_bytes, "weights": weights}
     scales = 4 * (1 / group if group else 1 / d.hidden)
     results = int(d.quantized_params * (1 + scales))

@@ -25,6 +25,10 @@ HUB_IDS = {
     "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": "llava-onevision-0.5b",
     "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava-onevision-7b",
     "llava-hf/llava-onevision-qwen2-72b-ov-hf": "llava-onevision-72b",
+    "Qwen/Qwen3-VL-2B-Instruct": "qwen3-vl-2b",
+    "Qwen/Qwen3-VL-4B-Instruct": "qwen3-vl-4b",
+    "Qwen/Qwen3-VL-8B-Instruct": "qwen3-vl-8b",
+    "Qwen/Qwen3-VL-32B-Instruct": "qwen3-vl-32b",
 }
 
 
