@@ -98,6 +98,7 @@ class RoutedInputs:
     x: torch.Tensor  # [n, in]
     positions: torch.Tensor  # [n] long: each row's position in the sample
     gates: torch.Tensor  # [n] float32: the router's weight of this expert for that token
+    length: int  # the sample's tokens (T)
 
 
 def routed_inputs(layer: torch.nn.Module, spec: SparseExperts, group: tuple[str, ...], hidden: torch.Tensor,
@@ -116,7 +117,8 @@ def routed_inputs(layer: torch.nn.Module, spec: SparseExperts, group: tuple[str,
             if projection == "down_proj":
                 with torch.no_grad():
                     rows = experts[e].intermediate(rows)
-            by_expert[e] = RoutedInputs(rows.to(hidden.dtype), positions, top_k_weights[positions, slots].float())
+            by_expert[e] = RoutedInputs(rows.to(hidden.dtype), positions, top_k_weights[positions, slots].float(),
+                                        x.shape[0])
         inputs[name] = by_expert[e]
     return inputs
 
@@ -126,9 +128,8 @@ def routed_token_weights(routed: RoutedInputs, indices: torch.Tensor, weights: t
     """An expert's rows and weights under a sample's token set (indices [k] into the sample's
     positions, weights [k]): row i gets its token's weight times gate_i^2; tokens outside the set
     and rows of weight 0 are left out. Returns (x [m, in], w [m])."""
-    full = torch.zeros(int(routed.positions.max()) + 1 if routed.positions.numel() else 0, device=weights.device)
-    inside = indices < full.numel()
-    full[indices[inside]] = weights[inside].float()
+    full = torch.zeros(routed.length, device=weights.device)  # each position's token weight (0: not in the set)
+    full[indices] = weights.float()
     w = full[routed.positions.to(full.device)] * routed.gates.to(full.device) ** 2
     keep = w > 0
     return routed.x[keep.to(routed.x.device)], w[keep]
