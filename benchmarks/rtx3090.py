@@ -40,7 +40,7 @@ from benchmarks.rtx3090_report import (
     render_markdown,
     throughput_rows,
 )
-from tlq_vllm.calibrate.planner import snapshot_names
+from tlq_vllm.calibrate.planner import load_config, model_dims, snapshot_names
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MEASURED_FILE = RESULTS_DIR / "rtx3090_measured.json"
@@ -77,9 +77,15 @@ def compare(projection: dict, measurements: list[dict]) -> list[dict]:
     return ratios
 
 
+def dense_snapshot_names() -> list[str]:
+    """The snapshots this model projects: not the MoE ones, whose decode reads a varying set of experts per
+    step (how many depends on the batch's routing), which its roofline does not model."""
+    return [name for name in snapshot_names() if not model_dims(load_config(name)[0], name).experts]
+
+
 def run(a: ServingAssumptions, models: list[str] | None = None, card: Card = RTX3090,
         measured: Path = MEASURED_FILE) -> dict:
-    models = models or snapshot_names()
+    models = models or dense_snapshot_names()
     projection = {
         "kind": "PROJECTION", "measured": False,
         "what": f"projected vLLM serving on {card.name} cards from config.json and public specifications; "
@@ -110,7 +116,7 @@ def _rounded(x):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="RTX 3090 serving PROJECTION (not a measurement) from model configs.")
     parser.add_argument("--models", nargs="+", default=None,
-                        help="snapshot names (default: all in tlq_vllm/models/config_snapshots)")
+                        help="snapshot names (default: the dense ones in tlq_vllm/models/config_snapshots)")
     parser.add_argument("--context", type=int, default=None, help="tokens per sequence (default 4096)")
     parser.add_argument("--image-tokens", type=int, default=None, help="image tokens in the request (default 1024)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None, help="default: the serve presets' value")

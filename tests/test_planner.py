@@ -47,6 +47,8 @@ PUBLIC_SIZES = {
     "qwen3-vl-4b": 4.44e9,
     "qwen3-vl-8b": 8.77e9,
     "qwen3-vl-32b": 33.4e9,
+    "qwen3-vl-30b-a3b": 31.1e9,
+    "qwen3-vl-235b-a22b": 236e9,
 }
 RUN = CalibrationConfig(scheme="W4A16", method="tlq", num_samples=128, max_seq_len=2048)
 
@@ -226,7 +228,7 @@ def test_fit_table_for_24gb_cards():
     assert len(rows) == len(PUBLIC_SIZES) * 4
     for r in rows:
         assert r.fits and r.settings == "as given"
-        assert r.device_bytes < (23 if r.model.endswith(("72b", "32b")) else 12) * GiB
+        assert r.device_bytes < (23 if r.model.endswith(("72b", "32b", "a22b")) else 12) * GiB
     assert format_fit_table(rows).count("\n") == len(PUBLIC_SIZES) * 4 + 1
 
 
@@ -272,7 +274,7 @@ class PeakTracker(TorchDispatchMode):
         return self.peak - self.baseline
 
 
-@pytest.mark.parametrize("fixture", ["qwen2-vl", "llava-onevision"])
+@pytest.mark.parametrize("fixture", ["qwen2-vl", "llava-onevision", "qwen3-vl", "qwen3-vl-moe"])
 def test_predicted_peaks_match_measured_on_cpu(fixture):
     """The catch, importance-backward and calibrate-layer allocations of a fixture on CPU against
     the plan with device="cpu": within 15% for importance and calibration (the terms that size
@@ -280,7 +282,7 @@ def test_predicted_peaks_match_measured_on_cpu(fixture):
     upper bound within 1.5x (its text-embedding term is conservative)."""
     from tlq_vllm.calibrate.importance import gradient_importance
     from tlq_vllm.calibrate.layerwise import SolverOptions, calibrate_layer
-    from tlq_vllm.calibrate.pipeline import RunLog, load_model, prepare_samples, target_linears
+    from tlq_vllm.calibrate.pipeline import RunLog, load_model, prepare_samples
     from tlq_vllm.calibrate.schemes import get_scheme
     from tlq_vllm.calibrate.streaming import catch_layer_inputs, compute_dtype, on_device, parameter_dtype
     from tlq_vllm.calibrate.tokensets import all_tokens
@@ -290,7 +292,8 @@ def test_predicted_peaks_match_measured_on_cpu(fixture):
     config = CalibrationConfig(model=str(model_dir), num_samples=4, progress=False)
     model, processor, adapter = load_model(config.model, config)
     _, samples = prepare_samples(model, processor, config, RunLog(None))
-    layers, names = adapter.layers(model), target_linears(adapter)
+    groups = adapter.layer_groups(adapter.num_experts(model.config))
+    layers, names = adapter.layers(model), adapter.token_set_names(groups)  # a MoE block's, for its experts
     roles = [s.roles for s in samples]
     caught = []
 
@@ -307,9 +310,10 @@ def test_predicted_peaks_match_measured_on_cpu(fixture):
                             progress=False)
     dtype = parameter_dtype(layers[0])
     with PeakTracker(existing()) as calibrate, on_device(layers[0], "cpu", compute_dtype("cpu", dtype)):
-        calibrate_layer(layers[0], adapter.decoder_groups, [c.hidden for c in caught], [c.kwargs for c in caught],
+        calibrate_layer(layers[0], groups, [c.hidden for c in caught], [c.kwargs for c in caught],
                         {n: all_tokens(roles) for n in names}, get_scheme("W4A16"), SolverOptions(), device="cpu",
-                        weight_dtype=dtype)  # as the stack loop runs it: widened where the CPU lacks bf16
+                        weight_dtype=dtype, experts=adapter.sparse_experts)  # as the stack loop runs it: widened
+                        # where the CPU lacks bf16
 
     run = CalibrationConfig(scheme="W4A16", method="tlq", num_samples=len(samples),
                             max_seq_len=max(s.num_tokens for s in samples))

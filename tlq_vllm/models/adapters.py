@@ -143,6 +143,11 @@ class SparseExperts:
         gate_up = tuple(f"{self.experts}.{e}.{p}" for e in range(num_experts) for p in EXPERT_PROJECTIONS[:2])
         return gate_up, tuple(f"{self.experts}.{e}.down_proj" for e in range(num_experts))
 
+    def shapes(self, num_experts: int, hidden: int, width: int) -> dict[str, tuple[int, int]]:
+        """Every expert linear's (out, in): gate and up [width, hidden], down [hidden, width]."""
+        return {name: (hidden, width) if name.endswith(".down_proj") else (width, hidden)
+                for group in self.groups(num_experts) for name in group}
+
     def expert_of(self, name: str) -> tuple[int, str] | None:
         """(expert index, projection) of an expert linear's name, None for any other linear."""
         index, _, projection = name.removeprefix(self.experts + ".").partition(".")
@@ -282,7 +287,6 @@ QWEN3_VL_MOE = replace(
     decoder_groups=QWEN2_DECODER_GROUPS[:2],
     decoder_linear_shapes=QWEN2_DECODER_SHAPES[:4],
     smooth_pairs=(("input_layernorm", 0),),
-    vision_dims=None,  # the memory planner does not count experts (their parameters, Hessians, routed rows) yet
     sparse_experts=SparseExperts(),
     saved_transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
 )

@@ -80,6 +80,9 @@ class ModelDims:
     tied: bool
     dtype_bytes: int
     vision: VisionDims
+    experts: int = 0  # per sparse MoE block (0: a dense MLP of `intermediate`)
+    expert_width: int = 0
+    top_k: int = 0  # experts per token
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -88,12 +91,28 @@ class ModelDims:
     @property
     def decoder_groups(self) -> tuple[tuple[str, ...], ...]:
         """The decoder layer's linears by execution group (layerwise.calibrate_layer's order)."""
-        return self.adapter.decoder_groups
+        return self.adapter.layer_groups(self.experts)
 
     @property
     def n_linears(self) -> int:
         """Linears per decoder layer."""
         return sum(len(group) for group in self.decoder_groups)
+
+    @property
+    def n_token_sets(self) -> int:
+        """Token sets (and importances) per decoder layer: one per linear, one per MoE block for its experts."""
+        return len(self.adapter.token_set_names(self.decoder_groups))
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's intermediate values a token computes: a dense MLP's width, or its top_k experts'."""
+        return self.top_k * self.expert_width if self.experts else self.intermediate
+
+    def expert_index(self, name: str) -> int | None:
+        """The expert a linear belongs to (None: not an expert linear)."""
+        spec = self.adapter.sparse_experts
+        found = spec.expert_of(name) if spec is not None else None
+        return found[0] if found else None
 
     @property
     def q_dim(self) -> int:
@@ -106,7 +125,10 @@ class ModelDims:
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """Decoder linear name -> (out, in)."""
         width = {"hidden": self.hidden, "intermediate": self.intermediate, "q": self.q_dim, "kv": self.kv_dim}
-        return {name: (width[out], width[in_]) for name, out, in_ in self.adapter.decoder_linear_shapes}
+        shapes = {name: (width[out], width[in_]) for name, out, in_ in self.adapter.decoder_linear_shapes}
+        if self.experts:
+            shapes |= self.adapter.sparse_experts.shapes(self.experts, self.hidden, self.expert_width)
+        return shapes
 
     @property
     def layer_linear_params(self) -> int:
@@ -117,7 +139,8 @@ class ModelDims:
         shapes = self.linear_shapes()
         biases = sum(shapes[name][0] for name in self.adapter.decoder_biases)
         head_norms = 2 * self.head_dim if self.adapter.decoder_head_norms else 0
-        return self.layer_linear_params + biases + 2 * self.hidden + head_norms  # + two RMSNorms (+ q/k norms)
+        router = self.experts * self.hidden  # kept in dtype, not quantized
+        return self.layer_linear_params + biases + 2 * self.hidden + head_norms + router  # + two RMSNorms
 
     @property
     def embed_params(self) -> int:
@@ -198,6 +221,14 @@ def _need(cfg: dict, key: str, where: str):
     return cfg[key]
 
 
+def _need_key(cfg: dict, key, where: str):
+    """A ConfigKey's value, or the planner's error naming its keys."""
+    value = key.read(cfg)
+    if value is None:
+        raise PlanError(f"config.json has none of {list(key.names)} in {where}; is this a full model config?")
+    return value
+
+
 def vision_dims(tower: VisionTowerDims, vision_config: dict, text_hidden: int) -> VisionDims:
     """The tower's dimensions from its vision_config section, read where `tower` says."""
     width = int(tower.width.read(vision_config))
@@ -236,12 +267,20 @@ def model_dims(config: dict, name: str | None = None) -> ModelDims:
     tied = bool(config.get("tie_word_embeddings")
                 or (config.get(adapter.text_config_key) or {}).get("tie_word_embeddings"))
     vision = vision_dims(adapter.vision_dims, config.get(adapter.vision_config_key) or {}, hidden)
+    spec = adapter.sparse_experts
+    experts = {}
+    if spec is not None:
+        if text.get("mlp_only_layers") or int(text.get("decoder_sparse_step", 1)) != 1:
+            raise PlanError("the planner sizes MoE decoders whose every layer is sparse (mlp_only_layers empty, "
+                            "decoder_sparse_step 1)")
+        experts = {field: int(_need_key(text, key, where))
+                   for field, key in (("experts", spec.count), ("expert_width", spec.width), ("top_k", spec.top_k))}
     return ModelDims(
         name=name or str(config.get("_name_or_path") or model_type), model_type=model_type, hidden=hidden,
         layers=int(_need(text, "num_hidden_layers", where)), heads=heads,
         kv_heads=int(text.get("num_key_value_heads") or heads), head_dim=head_dim,
         intermediate=int(_need(text, "intermediate_size", where)), vocab=int(_need(text, "vocab_size", where)),
-        tied=tied, dtype_bytes=DTYPE_BYTES.get(dtype, 2), vision=vision,
+        tied=tied, dtype_bytes=DTYPE_BYTES.get(dtype, 2), vision=vision, **experts,
     )
 
 

@@ -266,7 +266,7 @@ def forward_bytes(config: CalibrationConfig, device: str, dtype_bytes: int) -> i
 def _forward_act(d: ModelDims, T: int, a: Assumptions, b: int) -> int:
     """One sample through one decoder layer without grad (in b bytes a value): the input copy and
     the larger of the attention (q/k/v and their rotary copies) and MLP (act, up, act * up) phases."""
-    H, q, kv, I = d.hidden, d.q_dim, d.kv_dim, d.intermediate
+    H, q, kv, I = d.hidden, d.q_dim, d.kv_dim, d.mlp_width
     attn = d.heads * T * T * (b + 4) if a.attn_implementation == "eager" else 0
     return T * (H + max(2 * H + 3 * I, H + 4 * q + 3 * kv)) * b + attn
 
@@ -278,7 +278,7 @@ def _backward_act(d: ModelDims, T: int, granularity: str, a: Assumptions) -> int
     RMSNorm backward (7 H + 2 q + 2 kv) and the attention backward (3 H + 3 q + 3 kv); per-linear
     hooks keep gate/up's output gradients (+2 I) past the MLP. Plus the float32 input, the
     incoming gradient and cos/sin. Coefficients measured on CPU (tests/test_planner.py)."""
-    H, q, kv, I = d.hidden, d.q_dim, d.kv_dim, d.intermediate
+    H, q, kv, I = d.hidden, d.q_dim, d.kv_dim, d.mlp_width
     hooks = 2 * I if granularity == "linear" else 0
     per_token = max(2 * H + 2 * q + 2 * kv + 6 * I, 7 * H + 2 * q + 2 * kv + hooks, 3 * H + 3 * q + 3 * kv + hooks)
     attn = d.heads * T * T * 4 * 3 if a.attn_implementation == "eager" else 0
@@ -312,14 +312,19 @@ def _calibrate_device(d: ModelDims, T: int, scheme: Scheme, method: Method, asym
     fwd = _forward_act(d, T, a, f)
     peak, where, prev_in, prev_n = 0, "", 0, 0
     for group in d.decoder_groups:
-        n, in_f = len(group), shapes[group[0]][1]
+        in_f = shapes[group[0]][1]
+        experts = {d.expert_index(name) for name in group} - {None}
+        # an expert group sums one Hessian per expert (its gate and up share one), each from its routed rows
+        n, rows = (len(experts), d.top_k * T) if experts else (len(group), T)
         sq, prev_sq = in_f * in_f, prev_in * prev_in
         hess, crosses = n * sq * hb, n * sq * hb * cross
         prev_hess, prev_cross, prev_h32 = prev_n * prev_sq * hb, prev_n * prev_sq * hb * cross, prev_sq * 4 * h32
         alloc = max(prev_hess + prev_cross + hess, prev_cross + hess + crosses) + prev_h32
         mats = hess + crosses
         # one sample: x (as computed, then in the model dtype), x.float(), x[idx], the accumulator's copies
-        capture = T * in_f * (b + (f if f != b else 0) + 4 + 4 + 2 * hb) + (2 * T * in_f * 4 if a8 else 0)
+        capture = rows * in_f * (b + (f if f != b else 0) + 4 + 4 + 2 * hb) + (2 * rows * in_f * 4 if a8 else 0)
+        if experts:  # the experts' input, captured whole before its rows are routed
+            capture += T * d.hidden * f
         if asymmetric:
             capture += T * in_f * (4 + 2 * 8) + sq * 8  # the FP-path capture and the float64 cross product
         stats = mats + prev_h32 + sq * hb + fwd + capture
@@ -332,7 +337,7 @@ def _calibrate_device(d: ModelDims, T: int, scheme: Scheme, method: Method, asym
             if f == 4:  # a float32 layer: the solver's two float32 copies of the weight are the weight itself
                 gptq -= 2 * W
             asym = (4 * inin + 2 * W) if asymmetric else 0  # cross.float(), H + damp I, the LU of solve, eye
-            last_x = T * in_f * 4 * (2 if asymmetric else 1)  # the last sample's capture is still referenced
+            last_x = rows * in_f * 4 * (2 if asymmetric else 1)  # the last sample's capture is still referenced
             cand.append((mats + h32 * inin + max(gptq, asym) + last_x, name))
         for value, name in cand:
             if value > peak:
@@ -406,7 +411,7 @@ def peaks(
     base_host = {"runtime": a.host_runtime_bytes, "weights": weights}
     scales = 4 * (1 / group if group else 1 / d.hidden)
     results = int(d.quantized_params * (1 + scales))
-    n_lin = d.n_linears
+    n_lin = d.n_token_sets
     imp = S * T * L * n_lin * 4  # this rank's per-token importances
     gathered = num_samples if (a.importance_gathered or nproc == 1) else S  # samples integrated on a rank
     imp_all = gathered * T * L * n_lin * 4

@@ -29,6 +29,8 @@ HUB_IDS = {
     "Qwen/Qwen3-VL-4B-Instruct": "qwen3-vl-4b",
     "Qwen/Qwen3-VL-8B-Instruct": "qwen3-vl-8b",
     "Qwen/Qwen3-VL-32B-Instruct": "qwen3-vl-32b",
+    "Qwen/Qwen3-VL-30B-A3B-Instruct": "qwen3-vl-30b-a3b",
+    "Qwen/Qwen3-VL-235B-A22B-Instruct": "qwen3-vl-235b-a22b",
 }
 
 
