@@ -21,9 +21,10 @@ def format_plan(p: Plan, *, verbose: bool = False) -> str:
     """One line per stage (device MiB, host MiB per rank and per node, fits), then suggestions."""
     c, d = p.config, p.dims
     params = d.total_params
+    mlp = f"{d.experts} experts x {d.expert_width}, {d.top_k} a token" if d.experts else f"intermediate {d.intermediate}"
     lines = [
         f"{p.model}: {params / 1e9:.2f} B parameters ({d.layers} layers, hidden {d.hidden}, "
-        f"intermediate {d.intermediate}); {c.method} {c.scheme}, {c.num_samples} samples x "
+        f"{mlp}); {c.method} {c.scheme}, {c.num_samples} samples x "
         f"{p.tokens_per_sample} tokens ({p.vision_tokens_per_sample} vision), {p.nproc} rank(s), "
         f"{p.samples_per_rank} samples per rank, device {p.device}",
         f"budgets: device {gib(p.device_mem_bytes)} per rank, host {gib(p.host_mem_bytes)} per node "
