@@ -21,7 +21,9 @@ def format_plan(p: Plan, *, verbose: bool = False) -> str:
     """One line per stage (device MiB, host MiB per rank and per node, fits), then suggestions."""
     c, d = p.config, p.dims
     params = d.total_params
-    mlp = f"{d.experts} experts x {d.expert_width}, {d.top_k} a token" if d.experts else f"intermediate {d.intermediate}"
+    mlp = f"intermediate {d.intermediate}"
+    if d.experts:
+        mlp = f"{d.experts} experts x {d.expert_width}, {d.top_k} a token"
     lines = [
         f"{p.model}: {params / 1e9:.2f} B parameters ({d.layers} layers, hidden {d.hidden}, "
         f"{mlp}); {c.method} {c.scheme}, {c.num_samples} samples x "
