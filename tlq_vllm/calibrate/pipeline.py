@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from tlq_vllm import __version__
 from tlq_vllm.calibrate.config import CalibrationConfig, ConfigError
-from tlq_vllm.calibrate.context import RunContext, RunLog, target_linears
+from tlq_vllm.calibrate.context import RunContext, RunLog
 from tlq_vllm.calibrate.data import (
     ROLE_VISION,
     DataError,
@@ -47,7 +47,7 @@ from tlq_vllm.calibrate.stack import block_provenance, calibrate_stack
 from tlq_vllm.calibrate.streaming import capture_linear_inputs, catch_decoder_inputs, to_device
 from tlq_vllm.calibrate.tokensets import decoder_token_sets
 from tlq_vllm.calibrate.vision import calibrate_vision, catch_through_quantized_vision
-from tlq_vllm.models import ModelAdapter, adapter_for_model_type
+from tlq_vllm.models import adapter_for_model_type
 from tlq_vllm.models.builtin import resolve_builtin
 from tlq_vllm.paths import cache_root, python_command
 
@@ -123,10 +123,10 @@ def load_model(model_ref: str, config: CalibrationConfig, *, weights_in_memory: 
     return model, processor, adapter
 
 
-def check_shapes(model, adapter: ModelAdapter, scheme: Scheme) -> None:
+def check_shapes(layers, names: list[str], scheme: Scheme) -> None:
     """Every target linear's input features must divide into the scheme's groups."""
-    for l, layer in enumerate(adapter.layers(model)):
-        for name in target_linears(adapter, adapter.num_experts(model.config)):
+    for l, layer in enumerate(layers):
+        for name in names:
             in_features = layer.get_submodule(name).in_features
             if scheme.group_size and in_features % scheme.group_size:
                 raise ConfigError(
@@ -252,7 +252,7 @@ def run(config: CalibrationConfig) -> Path:
         model, processor, adapter = load_model(
             model_ref, config, weights_in_memory=not get_method(config.method).needs_data(config.smoothquant_alpha))
         ctx = RunContext.build(config, model, processor, adapter, device, dist, log)
-        check_shapes(model, adapter, ctx.scheme)
+        check_shapes(ctx.layers, ctx.linear_names, ctx.scheme)
         if adapter.sparse_experts is not None and ctx.mode == "asymmetric":
             raise ConfigError(
                 f"--asymmetric-target is not supported for {adapter.family}: an expert's tokens on the quantized "

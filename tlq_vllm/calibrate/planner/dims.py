@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tlq_vllm.models.adapters import ADAPTERS, ModelAdapter, VisionTowerDims, adapter_for_model_type
+from tlq_vllm.models.adapters import ADAPTERS, ConfigKey, ModelAdapter, VisionTowerDims, adapter_for_model_type
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -215,17 +215,13 @@ def _text_config(config: dict, adapter: ModelAdapter) -> dict:
     return text
 
 
-def _need(cfg: dict, key: str, where: str):
-    if key not in cfg:
-        raise PlanError(f"config.json has no {key!r} in {where}; is this a full model config?")
-    return cfg[key]
-
-
-def _need_key(cfg: dict, key, where: str):
-    """A ConfigKey's value, or the planner's error naming its keys."""
-    value = key.read(cfg)
+def _need(cfg: dict, key: str | ConfigKey, where: str):
+    """cfg's value of `key` (a name, or a ConfigKey: the first of its names present), or the planner's error."""
+    names = (key,) if isinstance(key, str) else key.names
+    value = next((cfg[n] for n in names if n in cfg), None)
     if value is None:
-        raise PlanError(f"config.json has none of {list(key.names)} in {where}; is this a full model config?")
+        missing = repr(names[0]) if len(names) == 1 else f"any of {list(names)}"
+        raise PlanError(f"config.json has no {missing} in {where}; is this a full model config?")
     return value
 
 
@@ -273,7 +269,7 @@ def model_dims(config: dict, name: str | None = None) -> ModelDims:
         if text.get("mlp_only_layers") or int(text.get("decoder_sparse_step", 1)) != 1:
             raise PlanError("the planner sizes MoE decoders whose every layer is sparse (mlp_only_layers empty, "
                             "decoder_sparse_step 1)")
-        experts = {field: int(_need_key(text, key, where))
+        experts = {field: int(_need(text, key, where))
                    for field, key in (("experts", spec.count), ("expert_width", spec.width), ("top_k", spec.top_k))}
     return ModelDims(
         name=name or str(config.get("_name_or_path") or model_type), model_type=model_type, hidden=hidden,
