@@ -130,8 +130,7 @@ class SparseExperts:
     `<experts>.<e>.<gate_proj|up_proj|down_proj>` as vLLM's per-expert checkpoints are."""
 
     block: str = "mlp"  # the MoE block: its output gradient is every expert linear's token importance
-    experts: str = "mlp.experts"
-    router: str = "mlp.gate"  # kept in the model dtype, like llm-compressor's MoE recipes
+    experts: str = "mlp.experts"  # the router (mlp.gate) is no expert linear: it keeps the model dtype
     fused_gate_up: str = "gate_up_proj"
     fused_down: str = "down_proj"
     count: ConfigKey = _key("num_experts", "num_local_experts")  # transformers 5.19 saves the second name
