@@ -58,8 +58,8 @@ def dequantized(q: QuantizedLinear, dtype=torch.bfloat16) -> torch.Tensor:
 def decoder_linear_names(model, adapter: ModelAdapter) -> list[str]:
     return [
         f"{adapter.decoder_layers}.{i}.{name}"
-        for i in range(len(adapter.layers(model)))
-        for group in adapter.decoder_groups
+        for i, groups in enumerate(adapter.decoder_layer_groups(model.config))
+        for group in groups
         for name in group
     ]
 
@@ -248,7 +248,9 @@ def test_quantization_config_marker_and_provenance(exported, fixture_name, schem
     assert config["tlq"] == {"version": tlq_vllm.__version__, "method": "rtn", "scheme": scheme.name}
     (group,) = config["config_groups"].values()
     assert group["format"] == EXPECTED_FORMAT[scheme.name]
-    assert len(group["targets"]) == 7 and all(t.startswith("re:") for t in group["targets"])
+    kinds = {name.split(".", len(adapter.decoder_layers.split(".")) + 1)[-1] for name in export.quantized}
+    assert len(kinds) == (10 if adapter.layer_kinds else 7)  # Qwen3.5's linear-attention layers add 3
+    assert len(group["targets"]) == len(kinds) and all(t.startswith("re:") for t in group["targets"])
     weights = group["weights"]
     assert (weights["num_bits"], weights["type"]) == (scheme.weight_bits, "int")
     assert weights["symmetric"] is True and weights["dynamic"] is False

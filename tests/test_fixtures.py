@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from tlq_vllm.models import adapter_for_model_type
+from tlq_vllm.calibrate.context import target_linears
 from tlq_vllm.models.tiny import FIXTURES
 from tlq_vllm.testing import build_fixture
 
@@ -23,9 +24,9 @@ def test_decoder_linears_fit_group_128_and_cpu_kernels(fixture_dir):
     model = AutoModelForImageTextToText.from_pretrained(fixture_dir)
     layers = adapter.layers(model)
     assert len(layers) == config.text_config.num_hidden_layers
-    names = [n for group in adapter.decoder_groups for n in group]
-    for layer in layers:
-        for name in names:
+    kinds = adapter.kinds_of_layers(config.text_config.to_dict())  # a hybrid decoder's layers differ
+    for layer, kind in zip(layers, kinds, strict=True):
+        for name in target_linears(adapter, kind=kind):  # before a MoE's experts become linears: attention's
             linear = layer.get_submodule(name)
             out_features, in_features = linear.weight.shape
             assert in_features % 128 == 0 and out_features % 32 == 0, (name, linear.weight.shape)

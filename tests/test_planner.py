@@ -292,8 +292,8 @@ def test_predicted_peaks_match_measured_on_cpu(fixture):
     config = CalibrationConfig(model=str(model_dir), num_samples=4, progress=False)
     model, processor, adapter = load_model(config.model, config)
     _, samples = prepare_samples(model, processor, config, RunLog(None))
-    groups = adapter.layer_groups(adapter.num_experts(model.config))
-    layers, names = adapter.layers(model), adapter.token_set_names(groups)  # a MoE block's, for its experts
+    layers, groups = adapter.layers(model), adapter.decoder_layer_groups(model.config)
+    names = [adapter.token_set_names(g) for g in groups]  # a MoE block's, for its experts
     roles = [s.roles for s in samples]
     caught = []
 
@@ -310,8 +310,8 @@ def test_predicted_peaks_match_measured_on_cpu(fixture):
                             progress=False)
     dtype = parameter_dtype(layers[0])
     with PeakTracker(existing()) as calibrate, on_device(layers[0], "cpu", compute_dtype("cpu", dtype)):
-        calibrate_layer(layers[0], groups, [c.hidden for c in caught], [c.kwargs for c in caught],
-                        {n: all_tokens(roles) for n in names}, get_scheme("W4A16"), SolverOptions(), device="cpu",
+        calibrate_layer(layers[0], groups[0], [c.hidden for c in caught], [c.kwargs for c in caught],
+                        {n: all_tokens(roles) for n in names[0]}, get_scheme("W4A16"), SolverOptions(), device="cpu",
                         weight_dtype=dtype, experts=adapter.sparse_experts)  # as the stack loop runs it: widened
                         # where the CPU lacks bf16
 

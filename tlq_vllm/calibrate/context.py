@@ -95,10 +95,10 @@ def exposure_mode(config: CalibrationConfig) -> str:
     return "asymmetric" if config.asymmetric_target else "exposed"
 
 
-def target_linears(adapter: ModelAdapter, num_experts: int = 0) -> list[str]:
-    """The decoder linears quantized in every layer, in execution order (num_experts: of a sparse
-    MoE decoder, ModelAdapter.num_experts)."""
-    return [name for group in adapter.layer_groups(num_experts) for name in group]
+def target_linears(adapter: ModelAdapter, num_experts: int = 0, kind: str | None = None) -> list[str]:
+    """The decoder linears quantized in a layer, in execution order (num_experts: of a sparse MoE decoder,
+    ModelAdapter.num_experts; kind: of a hybrid decoder's layer, ModelAdapter.kinds_of_layers)."""
+    return [name for group in adapter.layer_groups(num_experts, kind) for name in group]
 
 
 @dataclass
@@ -106,7 +106,7 @@ class RunContext:
     model: torch.nn.Module
     processor: object
     adapter: ModelAdapter
-    groups: tuple[tuple[str, ...], ...]  # the decoder layer's linear groups in execution order
+    groups: list[tuple[tuple[str, ...], ...]]  # each decoder layer's linear groups in execution order
     scheme: Scheme
     method: Method
     solver: SolverOptions
@@ -132,7 +132,7 @@ class RunContext:
             model=model,
             processor=processor,
             adapter=adapter,
-            groups=adapter.layer_groups(adapter.num_experts(model.config)),
+            groups=adapter.decoder_layer_groups(model.config),
             scheme=get_scheme(config.scheme),
             method=method,
             solver=solver_options(config, method),
@@ -153,13 +153,14 @@ class RunContext:
         return self.adapter.layers(self.model)
 
     @property
-    def linear_names(self) -> list[str]:
-        return [name for group in self.groups for name in group]
+    def linear_names(self) -> list[list[str]]:
+        """Each decoder layer's quantized linears."""
+        return [[name for group in groups for name in group] for groups in self.groups]
 
     @property
-    def token_set_names(self) -> list[str]:
-        """What the token-set stage builds sets for (the linears; a MoE block for its experts)."""
-        return self.adapter.token_set_names(self.groups)
+    def token_set_names(self) -> list[list[str]]:
+        """What the token-set stage builds sets for, per decoder layer (the linears; a MoE block for its experts)."""
+        return [self.adapter.token_set_names(groups) for groups in self.groups]
 
     @property
     def needs_data(self) -> bool:

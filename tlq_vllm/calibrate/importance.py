@@ -107,7 +107,7 @@ def gradient_importance(
     layers: torch.nn.ModuleList,
     final_norm: torch.nn.Module,
     lm_head: torch.nn.Module,
-    layer_names: list[str],
+    layer_names: list[list[str]],
     inputs: list[LayerInputs],
     roles: list[torch.Tensor],
     input_ids: list[torch.Tensor],
@@ -134,7 +134,7 @@ def gradient_importance(
         with on_device(layer, device, compute_dtype):
             stored.append(run_layer(layer, stored[-1], [x.kwargs for x in inputs], device, injections, l))
 
-    importance: Importance = [{name: [] for name in layer_names} for _ in range(num_layers)]
+    importance: Importance = [{name: [] for name in names} for names in layer_names]
     with on_device(final_norm, device, torch.float32), on_device(lm_head, device):
         losses, grads = answer_gradients(stored[-1], final_norm, lm_head, roles, input_ids, device)
 
@@ -144,7 +144,7 @@ def gradient_importance(
         captured: dict[str, torch.Tensor] = {}
         handles = []
         if granularity == "linear":
-            for name in layer_names:
+            for name in layer_names[l]:
                 def keep_output_grad(_module, _args, output, name=name, store=captured):
                     output.register_hook(lambda grad, name=name: store.__setitem__(name, grad.detach()))
 
@@ -158,7 +158,7 @@ def gradient_importance(
                     h_in = stored[l][s].to(device, torch.float32).detach().requires_grad_(True)
                     out = layer_forward(layer, h_in, to_device(x.kwargs, device, torch.float32))
                     out.backward(grad_out)
-                    for name in layer_names:
+                    for name in layer_names[l]:
                         g = captured[name] if granularity == "linear" else grad_out
                         importance[l][name].append(g.reshape(-1, g.shape[-1]).pow(2).sum(-1).to("cpu"))
                     grads[s] = h_in.grad.detach().to("cpu")
@@ -217,7 +217,8 @@ def integrate(importance: Importance, *, beta: float = 0.5, clip_percentile: flo
 
     a_hat is a normalised by its mean over all calibration tokens of (l, j) and clipped at the
     given percentile of those tokens (gradient spikes would otherwise own the Hessian). The
-    depth-global term averages the same linear role j over all layers k.
+    depth-global term averages the same linear role j over all layers k that have it (in a hybrid
+    decoder, the layers of its kind; linears every layer has, such as the MLP's, over all).
     """
     normalised: Importance = []
     for per_linear in importance:
@@ -228,13 +229,14 @@ def integrate(importance: Importance, *, beta: float = 0.5, clip_percentile: flo
             cap = torch.quantile(torch.cat(a_hat).double(), clip_percentile / 100).float()
             layer_out[name] = [a.clamp_max(cap) for a in a_hat]
         normalised.append(layer_out)
-    num_layers = len(normalised)
+    holders = {name: [k for k, per in enumerate(normalised) if name in per] for per in normalised for name in per}
     result: Importance = []
     for per_linear in normalised:
         layer_out = {}
         for name, per_sample in per_linear.items():
+            layers = holders[name]
             layer_out[name] = [
-                (1 - beta) * a + beta * sum(normalised[k][name][s] for k in range(num_layers)) / num_layers
+                (1 - beta) * a + beta * sum(normalised[k][name][s] for k in layers) / len(layers)
                 for s, a in enumerate(per_sample)
             ]
         result.append(layer_out)

@@ -123,10 +123,10 @@ def load_model(model_ref: str, config: CalibrationConfig, *, weights_in_memory: 
     return model, processor, adapter
 
 
-def check_shapes(layers, names: list[str], scheme: Scheme) -> None:
-    """Every target linear's input features must divide into the scheme's groups."""
+def check_shapes(layers, names: list[list[str]], scheme: Scheme) -> None:
+    """Every target linear's input features (names[l]: layer l's) must divide into the scheme's groups."""
     for l, layer in enumerate(layers):
-        for name in names:
+        for name in names[l]:
             in_features = layer.get_submodule(name).in_features
             if scheme.group_size and in_features % scheme.group_size:
                 raise ConfigError(
@@ -281,7 +281,7 @@ def run(config: CalibrationConfig) -> Path:
         vision_results: dict[int, dict[str, LinearResult]] = {}
         try:
             if not ctx.needs_data:  # the model is exported, never run: each weight is dropped once quantized
-                results = {l: rtn_layer(layer, ctx.linear_names, ctx.scheme, ctx.solver, keep_weights=False)
+                results = {l: rtn_layer(layer, ctx.linear_names[l], ctx.scheme, ctx.solver, keep_weights=False)
                            for l, layer in enumerate(tqdm(ctx.layers, desc="rtn", disable=not ctx.progress))}
                 if ctx.quantize_vision:
                     vision_results = calibrate_vision(ctx, [], None)
@@ -389,8 +389,8 @@ def calibrate_model(ctx: RunContext, all_samples: list, partial: PartialRun,
         caught = catch_through_quantized_vision(ctx, samples, fp_caught)  # what the decoder sees now
     kwargs = [c.kwargs for c in caught]
 
-    def smooth(layer, hiddens, kwargs, dtype):
-        smooth_layer(ctx, layer, hiddens, kwargs, dtype)
+    def smooth(l, layer, hiddens, kwargs, dtype):
+        smooth_layer(ctx, ctx.groups[l], layer, hiddens, kwargs, dtype)
 
     results = calibrate_stack(
         ctx, ctx.layers, ctx.groups, [c.hidden for c in caught], [kwargs] * len(ctx.layers),
@@ -404,11 +404,11 @@ def calibrate_model(ctx: RunContext, all_samples: list, partial: PartialRun,
     return results, vision_results, extra
 
 
-def smooth_layer(ctx: RunContext, layer, hiddens, kwargs, dtype: torch.dtype) -> None:
-    """SmoothQuant on this layer's norm -> linear pairs, from the layer's (quantized-path) inputs;
-    the smoothed weights are rounded to `dtype` (the model's)."""
+def smooth_layer(ctx: RunContext, groups, layer, hiddens, kwargs, dtype: torch.dtype) -> None:
+    """SmoothQuant on this layer's norm -> linear pairs (groups: the layer's), from the layer's
+    (quantized-path) inputs; the smoothed weights are rounded to `dtype` (the model's)."""
     for norm_name, group_index in ctx.adapter.smooth_pairs:
-        group = ctx.groups[group_index]
+        group = groups[group_index]
         linears = [layer.get_submodule(n) for n in group]
         absmax = None
         for hidden, kw in zip(hiddens, kwargs, strict=True):

@@ -61,7 +61,7 @@ def log_expert_tokens(ctx, label: str, b: int, results: BlockResults) -> None:
 def calibrate_stack(
     ctx,
     blocks: list[torch.nn.Module],
-    groups: tuple[tuple[str, ...], ...],
+    groups: list[tuple[tuple[str, ...], ...]],
     hiddens: list[torch.Tensor],
     kwargs: list[list[dict]],
     token_sets: BlockTokenSets,
@@ -70,7 +70,7 @@ def calibrate_stack(
     fp_hiddens: list[torch.Tensor] | None = None,
     injections: list[ResidualInjection | None] | None = None,
     fp_injections: list[ResidualInjection | None] | None = None,
-    before_block: Callable[[torch.nn.Module, list[torch.Tensor], list[dict], torch.dtype], None] | None = None,
+    before_block: Callable[[int, torch.nn.Module, list[torch.Tensor], list[dict], torch.dtype], None] | None = None,
     finished: dict[int, BlockResults] | None = None,
     apply_finished: Callable[[torch.nn.Module, BlockResults, torch.dtype], None] | None = None,
     save: Callable[[int, BlockResults], None] | None = None,
@@ -78,7 +78,8 @@ def calibrate_stack(
 ) -> dict[int, BlockResults]:
     """Calibrates every block of the stack in order; returns each block's results by index.
 
-    kwargs[b] and token_sets[b] are block b's per-sample keyword arguments and its token sets
+    groups[b], kwargs[b] and token_sets[b] are block b's linear groups in execution order, its per-sample
+    keyword arguments and its token sets
     (linear name -> TokenSet), this rank's shard; scheme, solver, device, exposure mode and log come
     from the run context. fp_hiddens, when given, are pushed through the FP blocks beside the
     quantized path. injections and fp_injections (per sample, this rank's shard; fp_injections
@@ -89,7 +90,6 @@ def calibrate_stack(
     device (streaming.compute_dtype); its weights are rounded to its own dtype.
     label ("layer", "vision block") names the log events and the progress bar. experts: the blocks'
     MLPs are sparse MoE blocks (their expert linears are among the groups; layerwise.calibrate_layer)."""
-    names = [name for group in groups for name in group]
     finished = finished or {}
     device, scheme = ctx.device, ctx.scheme
     event, key = label.replace(" ", "-"), label.split()[-1]
@@ -104,12 +104,12 @@ def calibrate_stack(
             next_fp = run_layer(block, fp_hiddens, block_kwargs, device, fp_injections, b) \
                 if fp_hiddens is not None and not last else None
             if before_block is not None:
-                before_block(block, hiddens, block_kwargs, weight_dtype)
+                before_block(b, block, hiddens, block_kwargs, weight_dtype)
             if b in finished:
                 results[b] = finished[b]
                 apply_finished(block, results[b], weight_dtype)
             else:
-                results[b] = calibrate_layer(block, groups, hiddens, block_kwargs, token_sets[b], scheme, ctx.solver,
+                results[b] = calibrate_layer(block, groups[b], hiddens, block_kwargs, token_sets[b], scheme, ctx.solver,
                                              device=device, fp_hiddens=fp_hiddens, mode=ctx.mode, dist=ctx.dist,
                                              weight_dtype=weight_dtype, experts=experts)
                 if save is not None:
@@ -125,7 +125,7 @@ def calibrate_stack(
                 )
                 log_expert_tokens(ctx, label, b, results[b])
             if not last:
-                with activation_fake_quant([block.get_submodule(n) for n in names], scheme):
+                with activation_fake_quant([block.get_submodule(n) for g in groups[b] for n in g], scheme):
                     hiddens = run_layer(block, hiddens, block_kwargs, device, injections, b)
             fp_hiddens = next_fp
     return results

@@ -174,10 +174,10 @@ def modality_tokens(roles: list[torch.Tensor], vision_weight: float) -> TokenSet
     return TokenSet(indices, weights)
 
 
-def uniform_sets(roles: list[torch.Tensor], num_blocks: int, names: list[str]) -> BlockTokenSets:
-    """Every block and linear fits every token with weight 1 (one shared TokenSet)."""
+def uniform_sets(roles: list[torch.Tensor], names: list[list[str]]) -> BlockTokenSets:
+    """Every block b and linear of names[b] fits every token with weight 1 (one shared TokenSet)."""
     every = all_tokens(roles)
-    return [{name: every for name in names} for _ in range(num_blocks)]
+    return [{name: every for name in block_names} for block_names in names]
 
 
 # Below this share of its kept tokens, a linear's effective token count means that a few tokens
@@ -233,7 +233,7 @@ def decoder_token_sets(ctx, caught: list[LayerInputs], samples: list, all_roles:
     dist, names, layers = ctx.dist, ctx.token_set_names, ctx.layers
     local_roles = dist.shard(all_roles)
     if not ctx.method.needs_gradients:
-        return TokenWeighting(uniform_sets(local_roles, len(layers), names), {}, None)
+        return TokenWeighting(uniform_sets(local_roles, names), {}, None)
     options = ctx.tokens
     t0 = time.time()
     raw, losses, decoder_input_grads = gradient_importance(
@@ -249,7 +249,7 @@ def decoder_token_sets(ctx, caught: list[LayerInputs], samples: list, all_roles:
         compute_dtype=ctx.compute_dtype,
         progress=ctx.progress,
     )
-    raw = [{n: dist.gather_samples(per[n], len(all_roles)) for n in names} for per in raw]
+    raw = [{n: dist.gather_samples(a, len(all_roles)) for n, a in per.items()} for per in raw]
     losses = dist.gather_samples(losses, len(all_roles))
     importance = {
         "granularity": options.granularity,
@@ -261,7 +261,7 @@ def decoder_token_sets(ctx, caught: list[LayerInputs], samples: list, all_roles:
         per_layer = [modality_tokens(local_roles, r) for r in ratios]
         ctx.log.event("importance", f"mbq: vision/answer weights per layer {[round(r, 3) for r in ratios]}",
                       ratios=ratios)
-        sets = [{name: tokens for name in names} for tokens in per_layer]
+        sets = [{name: tokens for name in layer_names} for tokens, layer_names in zip(per_layer, names, strict=True)]
         importance["effective_tokens"] = effective_token_counts(sets)
         warn_if_concentrated(ctx.log, importance["effective_tokens"])
         return TokenWeighting(sets, {"importance": importance, "mbq_vision_weights": ratios}, None)
@@ -273,11 +273,11 @@ def decoder_token_sets(ctx, caught: list[LayerInputs], samples: list, all_roles:
     sets = [
         {n: select_tokens(scores[l][n], all_roles, rho=options.rho, modality_floor=options.modality_floor,
                           shaping=options.shaping)
-         for n in names}
+         for n in names[l]}
         for l in range(len(layers))
     ]
     importance["effective_tokens"] = effective_token_counts(sets)
-    kept = sum(sets[0][n].num_tokens for n in names) / len(names)
+    kept = sum(ts.num_tokens for ts in sets[0].values()) / len(sets[0])
     ctx.log.event(
         "importance",
         f"importance: {time.time() - t0:.1f}s, loss {importance['mean_answer_loss']:.3f}, "

@@ -54,7 +54,7 @@ def calibrate_vision(ctx, samples: list, decoder_input_grads: list[torch.Tensor]
     total = num_samples if num_samples is not None else len(samples)
     roles = dist.gather_samples(local_roles, total)
 
-    token_sets = uniform_sets(local_roles, len(blocks), names)
+    token_sets = uniform_sets(local_roles, [names] * len(blocks))
     if ctx.method.token_weights == TOKEN and decoder_input_grads is not None:
         t0 = time.time()
         with pre_decoder_on_device(model, adapter.decoder_layers, device):
@@ -68,7 +68,8 @@ def calibrate_vision(ctx, samples: list, decoder_input_grads: list[torch.Tensor]
                        for n in names} for b in range(len(blocks))]
         ctx.log.event("vision-importance", f"vision importance: {time.time() - t0:.1f}s", seconds=time.time() - t0)
 
-    return calibrate_stack(ctx, blocks, adapter.vision_groups, hiddens, block_kwargs, token_sets, label="vision block")
+    return calibrate_stack(ctx, blocks, [adapter.vision_groups] * len(blocks), hiddens, block_kwargs, token_sets,
+                           label="vision block")
 
 
 def catch_through_quantized_vision(ctx, samples: list, fp_caught: list[LayerInputs]) -> list[LayerInputs]:

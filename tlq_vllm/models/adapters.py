@@ -160,6 +160,19 @@ class SparseExperts:
 
 
 @dataclass(frozen=True)
+class LayerKind:
+    """One kind of decoder layer in a hybrid decoder (Qwen3.5: linear attention or full attention), named
+    as the text config's `layer_types` names it: its linear groups in execution order, their (out, in)
+    widths (ModelAdapter.decoder_linear_shapes' names) and its parameters kept in dtype, per layer, as
+    (width, width) products the planner counts."""
+
+    name: str
+    groups: tuple[tuple[str, ...], ...]
+    shapes: tuple[tuple[str, str, str], ...]
+    kept: tuple[tuple[str, str], ...] = ()  # unquantized weights: (rows, columns) in the same width names
+
+
+@dataclass(frozen=True)
 class ModelAdapter:
     """Where the parts of one VLM family live and how its checkpoints are laid out on the hub."""
 
@@ -197,6 +210,9 @@ class ModelAdapter:
     residual_injections: ResidualInjectionArgs | None = None  # None: the decoder layers are the whole stream
     # the decoder MLP is a sparse MoE (decoder_groups then holds the attention groups only)
     sparse_experts: SparseExperts | None = None
+    # a hybrid decoder: its layers' kinds (the text config's `layer_types`) and each kind's linears
+    # (decoder_groups and decoder_linear_shapes are then unused)
+    layer_kinds: tuple[LayerKind, ...] = ()
 
     def num_experts(self, hf_config) -> int:
         """The experts per MoE block of a loaded model's config (0: a dense MLP)."""
@@ -204,12 +220,38 @@ class ModelAdapter:
             return 0
         return int(self.sparse_experts.count.read(hf_config.get_text_config().to_dict()))
 
-    def layer_groups(self, num_experts: int = 0) -> tuple[tuple[str, ...], ...]:
-        """The decoder layer's linear groups in execution order; with sparse experts, the MLP's
-        groups of its `num_experts` experts follow the attention's."""
+    def layer_groups(self, num_experts: int = 0, kind: str | None = None) -> tuple[tuple[str, ...], ...]:
+        """A decoder layer's linear groups in execution order; with sparse experts, the MLP's groups of
+        its `num_experts` experts follow the attention's; in a hybrid decoder, those of its `kind`."""
+        if self.layer_kinds:
+            return self.kind(kind).groups
         if self.sparse_experts is None:
             return self.decoder_groups
         return self.decoder_groups + self.sparse_experts.groups(num_experts)
+
+    def kind(self, name: str | None) -> LayerKind:
+        """A hybrid decoder's layer kind by its `layer_types` name, or an error naming the known ones."""
+        for kind in self.layer_kinds:
+            if kind.name == name:
+                return kind
+        raise ValueError(f"{self.family} has no decoder layer kind {name!r}; known: "
+                         f"{', '.join(k.name for k in self.layer_kinds)}")
+
+    def kinds_of_layers(self, text_config: dict) -> list[str | None]:
+        """Each decoder layer's kind, from a text config dict (None for every layer of a uniform decoder)."""
+        count = int(text_config["num_hidden_layers"])
+        if not self.layer_kinds:
+            return [None] * count
+        kinds = list(text_config.get("layer_types") or ())
+        if len(kinds) != count:
+            raise ValueError(f"{self.family}: the text config's layer_types names {len(kinds)} layers, "
+                             f"num_hidden_layers is {count}")
+        return kinds
+
+    def decoder_layer_groups(self, hf_config) -> list[tuple[tuple[str, ...], ...]]:
+        """Every decoder layer's linear groups (layer_groups), of a loaded model's config."""
+        text = hf_config.get_text_config().to_dict()
+        return [self.layer_groups(self.num_experts(hf_config), kind) for kind in self.kinds_of_layers(text)]
 
     def token_set_names(self, groups: tuple[tuple[str, ...], ...]) -> list[str]:
         """The names whose token sets the importance pass measures and the token-set stage builds: the
@@ -290,6 +332,39 @@ QWEN3_VL_MOE = replace(
     saved_transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
 )
 
+# Qwen3.5 (dense): a hybrid decoder whose layers are Gated DeltaNet linear attention except every fourth
+# (layer_types), which is gated full attention (q_proj also writes the output gate: 2 x heads x head_dim
+# rows; q/k head norms). Every layer has the same SwiGLU MLP. The tower is Qwen3-VL's without deepstack.
+# Quantized in a linear-attention layer: in_proj_qkv and in_proj_z (one input, one group; vLLM fuses them
+# into in_proj_qkvz) and out_proj. Kept in dtype: in_proj_b and in_proj_a (num_v_heads rows each, vLLM's
+# in_proj_ba), which set the recurrence's per-head write strength and decay: an error there scales the
+# whole recurrent state, exponentially over the sequence, for 0.1% of the layer's weights; and the
+# depthwise conv1d, A_log, dt_bias and the gated norm (not linears).
+QWEN35_LINEAR_ATTENTION = LayerKind(
+    name="linear_attention",
+    groups=(("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), ("linear_attn.out_proj",)) + QWEN2_DECODER_GROUPS[2:],
+    shapes=(("linear_attn.in_proj_qkv", "linear_qkv", "hidden"), ("linear_attn.in_proj_z", "linear_v", "hidden"),
+            ("linear_attn.out_proj", "hidden", "linear_v")) + QWEN2_DECODER_SHAPES[4:],
+    # in_proj_b, in_proj_a; conv1d (one kernel row per qkv channel); A_log, dt_bias; the gated norm
+    kept=(("linear_v_heads", "hidden"), ("linear_v_heads", "hidden"), ("linear_qkv", "conv_kernel"),
+          ("linear_v_heads", "one"), ("linear_v_heads", "one"), ("linear_v_head_dim", "one")),
+)
+QWEN35_FULL_ATTENTION = LayerKind(
+    name="full_attention",
+    groups=QWEN2_DECODER_GROUPS,
+    shapes=(("self_attn.q_proj", "q_gated", "hidden"),) + QWEN2_DECODER_SHAPES[1:],
+)
+QWEN35 = replace(
+    QWEN3_VL,
+    family="qwen3.5",
+    model_types=("qwen3_5",),
+    layer_kinds=(QWEN35_LINEAR_ATTENTION, QWEN35_FULL_ATTENTION),
+    vision_dims=replace(QWEN3_VL_VISION_DIMS, deepstack=None),
+    vision_quantized_ignore_patterns=("re:.*visual\\.merger.*", "re:.*lm_head"),
+    vision_quantization_unsupported="",
+    residual_injections=None,
+)
+
 ADAPTERS: tuple[ModelAdapter, ...] = (
     QWEN2_VL,
     # Qwen2.5-VL: the same layout; its vision MLP is gated (and alternates window/full attention)
@@ -314,6 +389,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
     ),
     QWEN3_VL,
     QWEN3_VL_MOE,
+    QWEN35,
 )
 
 

@@ -1,7 +1,7 @@
 """Offline tiny VLMs of real architectures, for tests and benchmarks (`--model fixture:<name>`).
 
 No pretrained VLM can be downloaded on these machines, so each fixture is a real transformers
-architecture (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) at a few million parameters with random,
+architecture (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, LLaVA-OneVision) at a few million parameters with random,
 seeded weights, a byte-level BPE tokenizer trained locally on easy-vqa's text with the family's
 special tokens and chat template, and the family's image processor. The resulting directory is
 what a user would download from a hub: `AutoModelForImageTextToText`, `AutoProcessor` and
@@ -106,13 +106,26 @@ class ExpertDims:
 
 
 @dataclass(frozen=True)
+class LinearAttentionDims:
+    """A hybrid decoder's Gated DeltaNet layers (Qwen3.5): every `full_attention_interval`-th layer is full
+    attention, the others linear attention with these heads. Head dims of 128, as the real models': vLLM's
+    CPU kernel for the recurrence refuses smaller ones ("Unexpected head dim size, 32")."""
+
+    key_heads: int = 2
+    value_heads: int = 4
+    head_dim: int = 128
+    full_attention_interval: int = 4
+
+
+@dataclass(frozen=True)
 class FixtureRecipe:
     """Everything that decides a fixture's files; its hash is the cache key."""
 
     name: str
-    family: str  # "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "qwen3_vl_moe" | "llava_onevision"
+    family: str  # "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "qwen3_vl_moe" | "qwen3_5" | "llava_onevision"
     text: TextDims = field(default_factory=TextDims)
     experts: ExpertDims | None = None  # the MoE families' experts (None: a dense MLP)
+    linear_attention: LinearAttentionDims | None = None  # a hybrid decoder's linear-attention layers
     vision_hidden_size: int = 128
     vision_intermediate_size: int = 512
     vision_depth: int = 2
@@ -144,6 +157,8 @@ FIXTURES: dict[str, FixtureRecipe] = {
         FixtureRecipe("qwen3-vl", "qwen3_vl", vision_depth=4),
         # Qwen3-VL-MoE: the same, with every decoder MLP 4 experts of which 2 route each token
         FixtureRecipe("qwen3-vl-moe", "qwen3_vl_moe", vision_depth=4, experts=ExpertDims()),
+        # Qwen3.5: decoder layers 0-2 Gated DeltaNet linear attention, layer 3 gated full attention
+        FixtureRecipe("qwen3.5", "qwen3_5", linear_attention=LinearAttentionDims()),
     )
 }
 
@@ -350,6 +365,8 @@ def make_config(recipe: FixtureRecipe, tokenizer):
         )
     if recipe.family in ("qwen3_vl", "qwen3_vl_moe"):
         return qwen3_vl_config(recipe, tokenizer)
+    if recipe.family == "qwen3_5":
+        return qwen3_5_config(recipe, tokenizer)
     raise ValueError(f"unknown fixture family {recipe.family!r}")
 
 
@@ -403,6 +420,48 @@ def qwen3_vl_config(recipe: FixtureRecipe, tokenizer):
     )
 
 
+def qwen3_5_config(recipe: FixtureRecipe, tokenizer):
+    """Qwen3.5 (dense): a hybrid decoder of Gated DeltaNet and gated full-attention layers (partial rotary
+    embeddings: a quarter of each head, interleaved M-RoPE) and Qwen3-VL's tower without deepstack."""
+    from transformers import Qwen3_5Config
+
+    ids = tokenizer.convert_tokens_to_ids
+    t, linear = recipe.text, recipe.linear_attention
+    head_dim = t.hidden_size // t.num_attention_heads
+    unit = head_dim // 64  # rotary frequencies: head_dim x 0.25 / 2 = 8 units, split 2:3:3 over t, h, w
+    text_cfg = {
+        **text_config_dict(recipe, tokenizer, mrope=False),
+        "model_type": "qwen3_5_text",
+        "head_dim": head_dim,
+        "linear_num_key_heads": linear.key_heads,
+        "linear_num_value_heads": linear.value_heads,
+        "linear_key_head_dim": linear.head_dim,
+        "linear_value_head_dim": linear.head_dim,
+        "layer_types": ["full_attention" if (i + 1) % linear.full_attention_interval == 0 else "linear_attention"
+                        for i in range(t.num_hidden_layers)],
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0, "mrope_interleaved": True,
+                            "mrope_section": [2 * unit, 3 * unit, 3 * unit], "partial_rotary_factor": 0.25},
+    }
+    return Qwen3_5Config(
+        text_config=text_cfg,
+        vision_config={
+            "depth": recipe.vision_depth,
+            "hidden_size": recipe.vision_hidden_size,
+            "intermediate_size": recipe.vision_intermediate_size,
+            "num_heads": recipe.vision_heads,
+            "patch_size": QWEN3_VL_PATCH,
+            "out_hidden_size": t.hidden_size,
+            "num_position_embeddings": 256,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=t.tie_word_embeddings,
+        architectures=["Qwen3_5ForConditionalGeneration"],
+    )
+
+
 # LLaVA-OneVision at fixture size: 64-pixel SigLIP tiles of 16-pixel patches (16 tokens a tile)
 # and an any-resolution grid of up to 2x2 tiles.
 LLAVA_TILE = 64
@@ -442,7 +501,9 @@ def make_processor(recipe: FixtureRecipe, tokenizer, *, max_pixels: int | None =
             tokenizer=tokenizer,
             chat_template=QWEN2_VL_CHAT_TEMPLATE,
         )
-    if recipe.family in ("qwen3_vl", "qwen3_vl_moe"):  # Qwen2-VL's image processor, 16-pixel patches, mean/std 0.5
+    # Qwen3-VL and Qwen3.5 (whose hub files name Qwen3-VL's processor): Qwen2-VL's image processor with
+    # 16-pixel patches, mean/std 0.5
+    if recipe.family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5"):
         size = {"shortest_edge": QWEN3_MIN_PIXELS, "longest_edge": max_pixels or QWEN3_MAX_PIXELS}
         pixels = {"patch_size": QWEN3_VL_PATCH, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": size}
         return Qwen3VLProcessor(
