@@ -69,7 +69,7 @@ def test_w3a16_checkpoint_generates_in_transformers(tmp_path, sample_image):
     assert generated.shape[1] > inputs["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("fixture", ["qwen2-vl", "qwen2.5-vl"])
+@pytest.mark.parametrize("fixture", ["qwen2-vl", "qwen2.5-vl", "qwen3.5"])
 def test_vision_quantized_checkpoint_generates_in_vllm(tmp_path, sample_image, fixture):
     """vLLM 0.32 loads quantized Qwen vision blocks (its SigLIP path for LLaVA-OneVision does not
     apply the checkpoint's scheme to the vision encoder: see docs/method.md)."""

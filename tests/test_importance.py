@@ -104,9 +104,9 @@ def whole_model_gradients(model, adapter, sample):
         return args, {**kwargs, "hidden_states": first["h"]}
 
     handles.append(layers[0].register_forward_pre_hook(leaf_input, with_kwargs=True))
-    for l, layer in enumerate(layers):
+    for l, (layer, groups) in enumerate(zip(layers, adapter.decoder_layer_groups(model.config), strict=True)):
         handles.append(layer.register_forward_hook(keep((l, "layer"))))
-        for name in target_linears(adapter):
+        for name in (n for group in groups for n in group):
             handles.append(layer.get_submodule(name).register_forward_hook(keep((l, name))))
     try:
         with torch.enable_grad():
