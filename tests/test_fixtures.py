@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from tlq_vllm.models import adapter_for_model_type
 from tlq_vllm.calibrate.context import target_linears
+from tlq_vllm.models import adapter_for_model_type
 from tlq_vllm.models.tiny import FIXTURES
 from tlq_vllm.testing import build_fixture
 

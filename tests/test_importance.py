@@ -129,8 +129,8 @@ def test_block_wise_backward_equals_whole_model_autograd(float32_fixture, granul
     model, adapter, samples, caught = float32_fixture
     layers, names = adapter.layers(model), target_linears(adapter)
     raw, losses, input_grads = gradient_importance(
-        layers, model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head), [names] * len(layers), caught,
-        [s.roles for s in samples], [s.inputs["input_ids"][0] for s in samples], device="cpu",
+        layers, model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head), [names] * len(layers),
+        caught, [s.roles for s in samples], [s.inputs["input_ids"][0] for s in samples], device="cpu",
         granularity=granularity, progress=False,
     )
     for s, sample in enumerate(samples):
@@ -164,7 +164,8 @@ def test_tlq_weights_reach_the_pipelines_hessian(tmp_path, monkeypatch):
     caught = catch_decoder_inputs(model, adapter, samples, "cpu")
     layers, names, roles = adapter.layers(model), target_linears(adapter), [s.roles for s in samples]
     raw, _, _ = gradient_importance(
-        layers, model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head), [names] * len(layers), caught, roles,
+        layers, model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head), [names] * len(layers),
+        caught, roles,
         [s.inputs["input_ids"][0] for s in samples], device="cpu", progress=False,
     )
     group = adapter.decoder_groups[0]

@@ -95,10 +95,11 @@ def test_checkpoint_quantizes_each_kinds_linears_and_keeps_the_gates(tmp_path, m
     out = run(CalibrationConfig(model="fixture:qwen3.5", method=method, scheme="W4A16", num_samples=3, seed=0,
                                 output=str(tmp_path / "ckpt"), progress=False))
     provenance = json.loads((out / "tlq_provenance.json").read_text())
-    assert [sorted(layer) for layer in provenance["layers"]] == [sorted(LINEAR_ATTENTION)] * 3 + [sorted(FULL_ATTENTION)]
+    expected = [sorted(LINEAR_ATTENTION)] * 3 + [sorted(FULL_ATTENTION)]
+    assert [sorted(layer) for layer in provenance["layers"]] == expected
     if method == "tlq":  # every layer's token sets are its own linears'
         effective = provenance["importance"]["effective_tokens"]
-        assert [sorted(layer) for layer in effective] == [sorted(LINEAR_ATTENTION)] * 3 + [sorted(FULL_ATTENTION)]
+        assert [sorted(layer) for layer in effective] == expected
     fixture, _, adapter = load()
     prefix = adapter.decoder_layers
     with safe_open(out / "model.safetensors", "pt") as f:

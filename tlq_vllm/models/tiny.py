@@ -1,9 +1,9 @@
 """Offline tiny VLMs of real architectures, for tests and benchmarks (`--model fixture:<name>`).
 
 No pretrained VLM can be downloaded on these machines, so each fixture is a real transformers
-architecture (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, LLaVA-OneVision) at a few million parameters with random,
-seeded weights, a byte-level BPE tokenizer trained locally on easy-vqa's text with the family's
-special tokens and chat template, and the family's image processor. The resulting directory is
+architecture (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, LLaVA-OneVision) at a few million
+parameters with random, seeded weights, a byte-level BPE tokenizer trained locally on easy-vqa's text with
+the family's special tokens and chat template, and the family's image processor. The resulting directory is
 what a user would download from a hub: `AutoModelForImageTextToText`, `AutoProcessor` and
 `vllm.LLM` all load it.
 
