@@ -83,8 +83,8 @@ def test_importance_pass_matches_whole_model_autograd():
 
     def importance_pass(inputs):
         return gradient_importance(
-            layers, model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head), [names] * len(layers),
-            inputs,
+            layers, model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head),
+            [names] * len(layers), inputs,
             [s.roles for s in samples], [s.inputs["input_ids"][0] for s in samples], device="cpu",
             granularity="linear", progress=False)
 
