@@ -79,8 +79,10 @@ def compare(projection: dict, measurements: list[dict]) -> list[dict]:
 
 def dense_snapshot_names() -> list[str]:
     """The snapshots this model projects: not the MoE ones, whose decode reads a varying set of experts per
-    step (how many depends on the batch's routing), which its roofline does not model."""
-    return [name for name in snapshot_names() if not model_dims(load_config(name)[0], name).experts]
+    step (how many depends on the batch's routing), nor the hybrid ones (Qwen3.5), whose linear-attention
+    layers keep a fixed recurrent state instead of a KV cache; its roofline models neither."""
+    dims = [model_dims(load_config(name)[0], name) for name in snapshot_names()]
+    return [d.name for d in dims if not d.experts and not d.kinds]
 
 
 def run(a: ServingAssumptions, models: list[str] | None = None, card: Card = RTX3090,

@@ -49,6 +49,12 @@ PUBLIC_SIZES = {
     "qwen3-vl-32b": 33.4e9,
     "qwen3-vl-30b-a3b": 31.1e9,
     "qwen3-vl-235b-a22b": 236e9,
+    # Qwen3.5's cards name size classes only (0.8B, 4B, 9B, 27B): these are transformers' meta builds (the
+    # checkpoints' one multi-token-prediction layer, which transformers does not build, not included)
+    "qwen3.5-0.8b": 0.853e9,
+    "qwen3.5-4b": 4.54e9,
+    "qwen3.5-9b": 9.41e9,
+    "qwen3.5-27b": 27.4e9,
 }
 RUN = CalibrationConfig(scheme="W4A16", method="tlq", num_samples=128, max_seq_len=2048)
 
@@ -95,7 +101,7 @@ def test_snapshot_parameter_counts_match_transformers(name):
     assert model_dims(saved_layout, name) == model_dims(config, name)
 
 
-@pytest.mark.parametrize("fixture", ["qwen2-vl", "qwen2.5-vl", "llava-onevision", "qwen3-vl"])
+@pytest.mark.parametrize("fixture", ["qwen2-vl", "qwen2.5-vl", "llava-onevision", "qwen3-vl", "qwen3.5"])
 def test_fixture_plans_and_its_parameter_count_matches(fixture):
     from transformers import AutoModelForImageTextToText
 
@@ -274,7 +280,7 @@ class PeakTracker(TorchDispatchMode):
         return self.peak - self.baseline
 
 
-@pytest.mark.parametrize("fixture", ["qwen2-vl", "llava-onevision", "qwen3-vl", "qwen3-vl-moe"])
+@pytest.mark.parametrize("fixture", ["qwen2-vl", "llava-onevision", "qwen3-vl", "qwen3-vl-moe", "qwen3.5"])
 def test_predicted_peaks_match_measured_on_cpu(fixture):
     """The catch, importance-backward and calibrate-layer allocations of a fixture on CPU against
     the plan with device="cpu": within 15% for importance and calibration (the terms that size

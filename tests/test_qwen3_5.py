@@ -110,3 +110,20 @@ def test_checkpoint_quantizes_each_kinds_linears_and_keeps_the_gates(tmp_path, m
                 assert torch.equal(f.get_tensor(key), fixture.get_submodule(key.removesuffix(".weight")).weight)
     for l, names in enumerate([LINEAR_ATTENTION] * 3 + [FULL_ATTENTION]):
         assert {f"{prefix}.{l}.{n}.weight_packed" for n in names} <= keys
+
+
+def test_planner_counts_each_layer_kind_and_refuses_a_config_without_layer_types():
+    from tlq_vllm.calibrate.planner import PlanError, load_config, model_dims
+
+    config = load_config("qwen3.5-9b")[0]
+    d = model_dims(config)
+    assert d.layer_kinds.count("full_attention") == 8 and d.layer_kinds.count("linear_attention") == 24
+    linear, full = d.layer_linear_params_of("linear_attention"), d.layer_linear_params_of("full_attention")
+    # in_proj_qkv [2 x 16 x 128 + 32 x 128, 4096] + in_proj_z and out_proj [4096, 4096]; q [2 x 16 x 256, 4096]
+    mlp = 3 * 4096 * 12288
+    assert linear - mlp == 8192 * 4096 + 2 * 4096 * 4096
+    assert full - mlp == 8192 * 4096 + 2 * 1024 * 4096 + 4096 * 4096
+    assert d.quantized_params == 24 * linear + 8 * full
+    broken = {**config, "text_config": {k: v for k, v in config["text_config"].items() if k != "layer_types"}}
+    with pytest.raises(PlanError, match="does not describe qwen3.5's hybrid layers"):
+        model_dims(broken)

@@ -11,6 +11,7 @@ Paths are attribute paths on the transformers (5.x) model object, e.g.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -170,6 +171,14 @@ class LayerKind:
     groups: tuple[tuple[str, ...], ...]
     shapes: tuple[tuple[str, str, str], ...]
     kept: tuple[tuple[str, str], ...] = ()  # unquantized weights: (rows, columns) in the same width names
+    # the widths its shapes name beyond the planner's own (hidden, intermediate, q, kv, head_dim, one),
+    # from the text config dict
+    widths: Callable[[dict], dict[str, int]] | None = None
+    # its outputs per token in the attention phase (the planner's activation model: q-like, kv-like widths)
+    attention_widths: tuple[str, str] = ("q", "kv")
+    # its token mixer is a chunked linear recurrence (Gated DeltaNet), whose autograd graph keeps far more
+    # per token than attention's (the planner's _backward_act)
+    recurrent: bool = False
 
 
 @dataclass(frozen=True)
@@ -340,6 +349,17 @@ QWEN3_VL_MOE = replace(
 # in_proj_ba), which set the recurrence's per-head write strength and decay: an error there scales the
 # whole recurrent state, exponentially over the sequence, for 0.1% of the layer's weights; and the
 # depthwise conv1d, A_log, dt_bias and the gated norm (not linears).
+def qwen35_linear_attention_widths(text: dict) -> dict[str, int]:
+    """A Gated DeltaNet layer's widths: q and k (key heads x key head dim each) and v (value heads x value
+    head dim) come out of in_proj_qkv; z (v's width) out of in_proj_z; b and a (one per value head)."""
+    key = int(text["linear_num_key_heads"]) * int(text["linear_key_head_dim"])
+    value_heads = int(text["linear_num_value_heads"])
+    value = value_heads * int(text["linear_value_head_dim"])
+    return {"linear_qkv": 2 * key + value, "linear_v": value, "linear_v_heads": value_heads,
+            "linear_v_head_dim": int(text["linear_value_head_dim"]),
+            "conv_kernel": int(text.get("linear_conv_kernel_dim", 4))}
+
+
 QWEN35_LINEAR_ATTENTION = LayerKind(
     name="linear_attention",
     groups=(("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), ("linear_attn.out_proj",)) + QWEN2_DECODER_GROUPS[2:],
@@ -348,17 +368,24 @@ QWEN35_LINEAR_ATTENTION = LayerKind(
     # in_proj_b, in_proj_a; conv1d (one kernel row per qkv channel); A_log, dt_bias; the gated norm
     kept=(("linear_v_heads", "hidden"), ("linear_v_heads", "hidden"), ("linear_qkv", "conv_kernel"),
           ("linear_v_heads", "one"), ("linear_v_heads", "one"), ("linear_v_head_dim", "one")),
+    widths=qwen35_linear_attention_widths,
+    attention_widths=("linear_qkv", "linear_v"),
+    recurrent=True,
 )
 QWEN35_FULL_ATTENTION = LayerKind(
     name="full_attention",
     groups=QWEN2_DECODER_GROUPS,
     shapes=(("self_attn.q_proj", "q_gated", "hidden"),) + QWEN2_DECODER_SHAPES[1:],
+    kept=(("head_dim", "one"), ("head_dim", "one")),  # q_norm, k_norm
+    widths=lambda text: {"q_gated": 2 * int(text["num_attention_heads"]) * int(text["head_dim"])},
+    attention_widths=("q_gated", "kv"),
 )
 QWEN35 = replace(
     QWEN3_VL,
     family="qwen3.5",
     model_types=("qwen3_5",),
     layer_kinds=(QWEN35_LINEAR_ATTENTION, QWEN35_FULL_ATTENTION),
+    decoder_head_norms=False,  # the full-attention kind's `kept` counts them
     vision_dims=replace(QWEN3_VL_VISION_DIMS, deepstack=None),
     vision_quantized_ignore_patterns=("re:.*visual\\.merger.*", "re:.*lm_head"),
     vision_quantization_unsupported="",

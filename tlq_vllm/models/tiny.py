@@ -109,7 +109,7 @@ class ExpertDims:
 class LinearAttentionDims:
     """A hybrid decoder's Gated DeltaNet layers (Qwen3.5): every `full_attention_interval`-th layer is full
     attention, the others linear attention with these heads. Head dims of 128, as the real models': vLLM's
-    CPU kernel for the recurrence refuses smaller ones ("Unexpected head dim size, 32")."""
+    CPU kernel for the recurrence refused 32 ("Unexpected head dim size, 32")."""
 
     key_heads: int = 2
     value_heads: int = 4

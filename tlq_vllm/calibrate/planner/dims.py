@@ -83,25 +83,30 @@ class ModelDims:
     experts: int = 0  # per sparse MoE block (0: a dense MLP of `intermediate`)
     expert_width: int = 0
     top_k: int = 0  # experts per token
+    kinds: tuple[str, ...] = ()  # each decoder layer's kind in a hybrid decoder (ModelAdapter.layer_kinds)
+    kind_widths: tuple[tuple[str, int], ...] = ()  # the widths the kinds' shapes name (LayerKind.widths)
 
     @property
     def adapter(self) -> ModelAdapter:
         return adapter_for_model_type(self.model_type)
 
     @property
-    def decoder_groups(self) -> tuple[tuple[str, ...], ...]:
-        """The decoder layer's linears by execution group (layerwise.calibrate_layer's order)."""
-        return self.adapter.layer_groups(self.experts)
+    def layer_kinds(self) -> list[str | None]:
+        """Each decoder layer's kind (None for every layer of a uniform decoder)."""
+        return list(self.kinds) or [None] * self.layers
 
     @property
-    def n_linears(self) -> int:
-        """Linears per decoder layer."""
-        return sum(len(group) for group in self.decoder_groups)
+    def distinct_kinds(self) -> list[str | None]:
+        return list(dict.fromkeys(self.layer_kinds))
+
+    def groups(self, kind: str | None = None) -> tuple[tuple[str, ...], ...]:
+        """A decoder layer's linears by execution group (layerwise.calibrate_layer's order)."""
+        return self.adapter.layer_groups(self.experts, kind)
 
     @property
-    def n_token_sets(self) -> int:
-        """Token sets (and importances) per decoder layer: one per linear, one per MoE block for its experts."""
-        return len(self.adapter.token_set_names(self.decoder_groups))
+    def token_sets(self) -> int:
+        """Token sets (and importances) in the whole decoder: one per linear, one per MoE block for its experts."""
+        return sum(len(self.adapter.token_set_names(self.groups(kind))) for kind in self.layer_kinds)
 
     @property
     def mlp_width(self) -> int:
@@ -122,25 +127,64 @@ class ModelDims:
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """Decoder linear name -> (out, in)."""
-        width = {"hidden": self.hidden, "intermediate": self.intermediate, "q": self.q_dim, "kv": self.kv_dim}
-        shapes = {name: (width[out], width[in_]) for name, out, in_ in self.adapter.decoder_linear_shapes}
+    @property
+    def widths(self) -> dict[str, int]:
+        """The widths that linear shapes and kept weights are stated in (adapters.QWEN2_DECODER_SHAPES, LayerKind)."""
+        return {"hidden": self.hidden, "intermediate": self.intermediate, "q": self.q_dim, "kv": self.kv_dim,
+                "head_dim": self.head_dim, "one": 1, **dict(self.kind_widths)}
+
+    @property
+    def attention_widths(self) -> tuple[int, int]:
+        """(q-like, kv-like) outputs a token gets in the attention phase: the widest layer kind's."""
+        if not self.kinds:
+            return self.q_dim, self.kv_dim
+        kinds = [self.adapter.kind(k).attention_widths for k in self.distinct_kinds]
+        return max(self.widths[q] for q, _ in kinds), max(self.widths[kv] for _, kv in kinds)
+
+    @property
+    def recurrent_widths(self) -> tuple[int, int] | None:
+        """(q/k/v, z) outputs a token gets in a recurrent layer kind (LayerKind.recurrent), None without one."""
+        kinds = [self.adapter.kind(k) for k in self.distinct_kinds if k is not None]
+        recurrent = [k.attention_widths for k in kinds if k.recurrent]
+        if not recurrent:
+            return None
+        return max(self.widths[q] for q, _ in recurrent), max(self.widths[v] for _, v in recurrent)
+
+    def linear_shapes(self, kind: str | None = None) -> dict[str, tuple[int, int]]:
+        """A decoder layer's (of `kind` in a hybrid decoder) linear name -> (out, in)."""
+        stated = self.adapter.kind(kind).shapes if self.kinds else self.adapter.decoder_linear_shapes
+        width = self.widths
+        shapes = {name: (width[out], width[in_]) for name, out, in_ in stated}
         if self.experts:
             shapes |= self.adapter.sparse_experts.shapes(self.experts, self.hidden, self.expert_width)
         return shapes
 
     @property
-    def layer_linear_params(self) -> int:
-        return sum(o * i for o, i in self.linear_shapes().values())
+    def largest_linear(self) -> int:
+        """Parameters of the largest decoder linear."""
+        return max(o * i for kind in self.distinct_kinds for o, i in self.linear_shapes(kind).values())
 
-    @property
-    def layer_params(self) -> int:
-        shapes = self.linear_shapes()
+    def layer_linear_params_of(self, kind: str | None = None) -> int:
+        return sum(o * i for o, i in self.linear_shapes(kind).values())
+
+    def layer_params_of(self, kind: str | None = None) -> int:
+        shapes = self.linear_shapes(kind)
         biases = sum(shapes[name][0] for name in self.adapter.decoder_biases)
         head_norms = 2 * self.head_dim if self.adapter.decoder_head_norms else 0
         router = self.experts * self.hidden  # kept in dtype, not quantized
-        return self.layer_linear_params + biases + 2 * self.hidden + head_norms + router  # + two RMSNorms
+        width = self.widths
+        kept = sum(width[rows] * width[cols] for rows, cols in self.adapter.kind(kind).kept) if self.kinds else 0
+        return self.layer_linear_params_of(kind) + biases + 2 * self.hidden + head_norms + router + kept  # + 2 norms
+
+    @property
+    def layer_linear_params(self) -> int:
+        """The quantized parameters of the largest decoder layer."""
+        return max(self.layer_linear_params_of(kind) for kind in self.distinct_kinds)
+
+    @property
+    def layer_params(self) -> int:
+        """The parameters of the largest decoder layer (what one layer on the device costs at most)."""
+        return max(self.layer_params_of(kind) for kind in self.distinct_kinds)
 
     @property
     def embed_params(self) -> int:
@@ -172,12 +216,12 @@ class ModelDims:
 
     @property
     def decoder_params(self) -> int:
-        return self.layers * self.layer_params
+        return sum(self.layer_params_of(kind) for kind in self.layer_kinds)
 
     @property
     def quantized_params(self) -> int:
         """Parameters of the decoder linears: what the calibrator quantizes."""
-        return self.layers * self.layer_linear_params
+        return sum(self.layer_linear_params_of(kind) for kind in self.layer_kinds)
 
     @property
     def non_decoder_params(self) -> int:
@@ -271,12 +315,24 @@ def model_dims(config: dict, name: str | None = None) -> ModelDims:
                             "decoder_sparse_step 1)")
         experts = {field: int(_need(text, key, where))
                    for field, key in (("experts", spec.count), ("expert_width", spec.width), ("top_k", spec.top_k))}
+    hybrid = {}
+    if adapter.layer_kinds:
+        try:
+            kinds = adapter.kinds_of_layers({**text, "num_hidden_layers": _need(text, "num_hidden_layers", where)})
+            for kind in kinds:
+                adapter.kind(kind)
+            widths = {k: v for kind in adapter.layer_kinds if kind.widths for k, v in kind.widths(
+                {"head_dim": head_dim, **text}).items()}
+        except (KeyError, ValueError) as err:
+            raise PlanError(f"config.json's {where} does not describe {adapter.family}'s hybrid layers: "
+                            f"{err}") from None
+        hybrid = {"kinds": tuple(kinds), "kind_widths": tuple(sorted(widths.items()))}
     return ModelDims(
         name=name or str(config.get("_name_or_path") or model_type), model_type=model_type, hidden=hidden,
         layers=int(_need(text, "num_hidden_layers", where)), heads=heads,
         kv_heads=int(text.get("num_key_value_heads") or heads), head_dim=head_dim,
         intermediate=int(_need(text, "intermediate_size", where)), vocab=int(_need(text, "vocab_size", where)),
-        tied=tied, dtype_bytes=DTYPE_BYTES.get(dtype, 2), vision=vision, **experts,
+        tied=tied, dtype_bytes=DTYPE_BYTES.get(dtype, 2), vision=vision, **experts, **hybrid,
     )
 
 

@@ -266,7 +266,7 @@ def forward_bytes(config: CalibrationConfig, device: str, dtype_bytes: int) -> i
 def _forward_act(d: ModelDims, T: int, a: Assumptions, b: int) -> int:
     """One sample through one decoder layer without grad (in b bytes a value): the input copy and
     the larger of the attention (q/k/v and their rotary copies) and MLP (act, up, act * up) phases."""
-    H, q, kv, I = d.hidden, d.q_dim, d.kv_dim, d.mlp_width
+    (q, kv), H, I = d.attention_widths, d.hidden, d.mlp_width
     attn = d.heads * T * T * (b + 4) if a.attn_implementation == "eager" else 0
     return T * (H + max(2 * H + 3 * I, H + 4 * q + 3 * kv)) * b + attn
 
@@ -278,9 +278,15 @@ def _backward_act(d: ModelDims, T: int, granularity: str, a: Assumptions) -> int
     RMSNorm backward (7 H + 2 q + 2 kv) and the attention backward (3 H + 3 q + 3 kv); per-linear
     hooks keep gate/up's output gradients (+2 I) past the MLP. Plus the float32 input, the
     incoming gradient and cos/sin. Coefficients measured on CPU (tests/test_planner.py)."""
-    H, q, kv, I = d.hidden, d.q_dim, d.kv_dim, d.mlp_width
+    (q, kv), H, I = d.attention_widths, d.hidden, d.mlp_width
     hooks = 2 * I if granularity == "linear" else 0
     per_token = max(2 * H + 2 * q + 2 * kv + 6 * I, 7 * H + 2 * q + 2 * kv + hooks, 3 * H + 3 * q + 3 * kv + hooks)
+    if d.recurrent_widths:
+        # a Gated DeltaNet layer (transformers' chunked torch recurrence): its graph holds about 10 floats per
+        # q/k/v and z output of a token, 3 per hidden and the MLP's 6 per intermediate value at once (fit within
+        # 7% on CPU to T = 64-512, 4-8 value heads, H 256-512, I 512-2048; tests/test_planner.py)
+        qkv, v = d.recurrent_widths
+        per_token = max(per_token, 10 * (qkv + v) + 3 * H + 6 * I + hooks)
     attn = d.heads * T * T * 4 * 3 if a.attn_implementation == "eager" else 0
     return T * (per_token + 2 * H + 2 * d.head_dim) * 4 + attn
 
@@ -304,14 +310,27 @@ def _calibrate_device(d: ModelDims, T: int, scheme: Scheme, method: Method, asym
     while the new ones are allocated), statistics (one sample's capture and the float64 product),
     solve (the float32 H, GPTQ's copies, the error report's [out, in] temporaries). f: bytes a
     value of the layer's forwards (forward_bytes)."""
-    shapes = d.linear_shapes()
     b, a8, hb = d.dtype_bytes, scheme.quantizes_activations, a.hessian_bytes
     solve = method.solver == GPTQ
     cross = 1 if (a.cross_always or asymmetric) else 0
     h32 = 1 if a.hessian_float32_copy else 0
     fwd = _forward_act(d, T, a, f)
+    peak, where = 0, ""
+    for kind in d.distinct_kinds:  # a hybrid decoder's kinds one after another: the larger peak
+        kind_peak, kind_where = _groups_peak(d, kind, T, rows_bytes=(b, f, hb), a8=a8, asymmetric=asymmetric,
+                                             solve=solve, cross=cross, h32=h32, fwd=fwd, a=a)
+        if kind_peak > peak:
+            peak, where = kind_peak, kind_where
+    return peak, where
+
+
+def _groups_peak(d: ModelDims, kind: str | None, T: int, *, rows_bytes: tuple[int, int, int], a8: bool,
+                 asymmetric: bool, solve: bool, cross: int, h32: int, fwd: int, a: Assumptions) -> tuple[int, str]:
+    """_calibrate_device's group loop over one layer kind's groups."""
+    b, f, hb = rows_bytes
+    shapes = d.linear_shapes(kind)
     peak, where, prev_in, prev_n = 0, "", 0, 0
-    for group in d.decoder_groups:
+    for group in d.groups(kind):
         in_f = shapes[group[0]][1]
         experts = {d.expert_index(name) for name in group} - {None}
         # an expert group sums one Hessian per expert (its gate and up share one), each from its routed rows
@@ -411,10 +430,9 @@ def peaks(
     base_host = {"runtime": a.host_runtime_bytes, "weights": weights}
     scales = 4 * (1 / group if group else 1 / d.hidden)
     results = int(d.quantized_params * (1 + scales))
-    n_lin = d.n_token_sets
-    imp = S * T * L * n_lin * 4  # this rank's per-token importances
+    imp = S * T * d.token_sets * 4  # this rank's per-token importances
     gathered = num_samples if (a.importance_gathered or nproc == 1) else S  # samples integrated on a rank
-    imp_all = gathered * T * L * n_lin * 4
+    imp_all = gathered * T * d.token_sets * 4
 
     # stage, device parts, host parts, bytes of device parts that are host tensors moved (not copied), skipped
     rows: list[tuple[str, dict, dict, dict, bool]] = []
@@ -461,20 +479,19 @@ def peaks(
             host["decoder-input gradients"] = S * T * H * 4
         if calibration.token_weights == TOKEN:
             host["importances + scores"] = 2 * imp_all
-            host["token sets"] = int(gathered * T * a.keep_fraction * 12 * L * n_lin)
+            host["token sets"] = int(gathered * T * a.keep_fraction * 12 * d.token_sets)
         elif uses_importance:  # one weight per modality: the raw importances only
             host["importances"] = imp_all
         rows.append(("calibrate layer", dev, host, {"layer": layer}, False))
     else:
-        largest = max(o * i for o, i in d.linear_shapes().values())
-        rows.append(("calibrate layer", {}, {**base_host, "results": results, "solver": 6 * largest * 4}, {}, False))
+        rows.append(("calibrate layer", {}, {**base_host, "results": results, "solver": 6 * d.largest_linear * 4},
+                     {}, False))
 
     # bytes a weight: int8 tensors (int-quantized), else 32 // bits values per int32 word (export.py)
     packed = 1.0 if scheme.compressed_tensors_format == "int-quantized" else 4 / (32 // bits)
     compressed = int(d.quantized_params * (packed + 2 * (1 / group if group else 1 / d.hidden)))
-    largest = max(o * i for o, i in d.linear_shapes().values())
     host = {**base_host, "sample inputs": sample_inputs, "results": results, "compressed tensors": compressed,
-            "dense copy": largest * 4}
+            "dense copy": d.largest_linear * 4}
     rows.append(("export", {}, host, {}, False))
 
     stages = []

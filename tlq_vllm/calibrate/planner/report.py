@@ -24,8 +24,11 @@ def format_plan(p: Plan, *, verbose: bool = False) -> str:
     mlp = f"intermediate {d.intermediate}"
     if d.experts:
         mlp = f"{d.experts} experts x {d.expert_width}, {d.top_k} a token"
+    layers = f"{d.layers} layers"
+    if d.kinds:  # a hybrid decoder: how many layers of each kind
+        layers += ": " + " + ".join(f"{d.kinds.count(k)} {k.replace('_', '-')}" for k in d.distinct_kinds)
     lines = [
-        f"{p.model}: {params / 1e9:.2f} B parameters ({d.layers} layers, hidden {d.hidden}, "
+        f"{p.model}: {params / 1e9:.2f} B parameters ({layers}, hidden {d.hidden}, "
         f"{mlp}); {c.method} {c.scheme}, {c.num_samples} samples x "
         f"{p.tokens_per_sample} tokens ({p.vision_tokens_per_sample} vision), {p.nproc} rank(s), "
         f"{p.samples_per_rank} samples per rank, device {p.device}",

@@ -31,6 +31,10 @@ HUB_IDS = {
     "Qwen/Qwen3-VL-32B-Instruct": "qwen3-vl-32b",
     "Qwen/Qwen3-VL-30B-A3B-Instruct": "qwen3-vl-30b-a3b",
     "Qwen/Qwen3-VL-235B-A22B-Instruct": "qwen3-vl-235b-a22b",
+    "Qwen/Qwen3.5-0.8B": "qwen3.5-0.8b",
+    "Qwen/Qwen3.5-4B": "qwen3.5-4b",
+    "Qwen/Qwen3.5-9B": "qwen3.5-9b",
+    "Qwen/Qwen3.5-27B": "qwen3.5-27b",
 }
 
 
