@@ -35,6 +35,7 @@ def calibrate(out, *args, nproc=1, num_samples=6, fixture="qwen2-vl"):
     ("tlq", "W4A16", ("--asymmetric-target",), "qwen2-vl"),  # the FP-path inputs travel with the quantized-path ones
     ("gptq", "W4A16", ("--hessian-dtype", "float64"), "qwen2-vl"),
     ("tlq", "W4A16", (), "qwen3-vl-moe"),  # each expert's routed rows (a different count per rank) travel too
+    ("tlq", "W4A16", (), "qwen3.5"),  # each layer's own linears' importances are gathered
 ])
 def test_two_ranks_give_the_single_process_checkpoint(tmp_path, method, scheme, flags, fixture):
     """5 samples: rank 0 holds 3, rank 1 holds 2 (an uneven shard). Before the Hessians were summed
