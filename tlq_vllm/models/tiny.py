@@ -502,7 +502,8 @@ def make_processor(recipe: FixtureRecipe, tokenizer, *, max_pixels: int | None =
             chat_template=QWEN2_VL_CHAT_TEMPLATE,
         )
     # Qwen3-VL and Qwen3.5 (whose hub files name Qwen3-VL's processor): Qwen2-VL's image processor with
-    # 16-pixel patches, mean/std 0.5
+    # 16-pixel patches, mean/std 0.5; Qwen3-VL's instruct template (Qwen3.5's own adds thinking markers after
+    # the assistant turn's start, not reproduced: the fixture answers with no reasoning span)
     if recipe.family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5"):
         size = {"shortest_edge": QWEN3_MIN_PIXELS, "longest_edge": max_pixels or QWEN3_MAX_PIXELS}
         pixels = {"patch_size": QWEN3_VL_PATCH, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": size}
