@@ -416,7 +416,7 @@ def smooth_layer(ctx: RunContext, groups, layer, hiddens, kwargs, dtype: torch.d
             m = x.float().abs().amax(dim=0)
             absmax = m if absmax is None else torch.maximum(absmax, m)
         s = smoothing_scales(ctx.dist.all_reduce_max(absmax), [lin.weight for lin in linears], ctx.smoothquant_alpha)
-        fold_smoothing(layer.get_submodule(norm_name), linears, s, dtype)
+        fold_smoothing(layer.get_submodule(norm_name), linears, s, dtype, ctx.adapter.norm_weight_offset)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

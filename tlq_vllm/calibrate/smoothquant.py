@@ -20,15 +20,17 @@ def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alph
 
 
 def fold_smoothing(norm: torch.nn.Module, linears: list[torch.nn.Module], s: torch.Tensor,
-                   dtype: torch.dtype | None = None) -> None:
-    """Divides the norm's output by s (its weight; and bias, if any) and scales the linears' columns.
+                   dtype: torch.dtype | None = None, weight_offset: float = 0.0) -> None:
+    """Divides the norm's output by s (its scale; and bias, if any) and scales the linears' columns.
 
+    weight_offset: the norm scales by (weight_offset + weight), 1 for the zero-centred RMSNorms of
+    Qwen3.5 (ModelAdapter.norm_weight_offset); the new weight is then (offset + weight) / s - offset.
     The new values are rounded to `dtype` (the model's; default: each tensor's own), so that a
     layer computing in a wider dtype holds what the checkpoint will."""
     def store(param: torch.Tensor, value: torch.Tensor) -> None:
         param.data = value.to(dtype or param.dtype).to(param.dtype)
 
-    store(norm.weight, norm.weight.data.float() / s)
+    store(norm.weight, (norm.weight.data.float() + weight_offset) / s - weight_offset)
     if getattr(norm, "bias", None) is not None:
         store(norm.bias, norm.bias.data.float() / s)
     for linear in linears:

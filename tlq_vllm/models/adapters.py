@@ -202,6 +202,8 @@ class ModelAdapter:
     vision_dims: VisionTowerDims | None = None  # None: the memory planner cannot size this family
     # (norm, index of the group in decoder_groups that reads its output): where SmoothQuant folds
     smooth_pairs: tuple[tuple[str, int], ...] = (("input_layernorm", 0), ("post_attention_layernorm", 2))
+    # the decoder's norms scale by (norm_weight_offset + weight): 1 for zero-centred RMSNorms (Qwen3.5)
+    norm_weight_offset: float = 0.0
     vision_blocks: str = ""
     vision_groups: tuple[tuple[str, ...], ...] = ()
     # compressed-tensors `ignore` entries: regexes, not module names, because module names
@@ -386,6 +388,7 @@ QWEN35 = replace(
     model_types=("qwen3_5",),
     layer_kinds=(QWEN35_LINEAR_ATTENTION, QWEN35_FULL_ATTENTION),
     decoder_head_norms=False,  # the full-attention kind's `kept` counts them
+    norm_weight_offset=1.0,  # Qwen3_5RMSNorm: x / rms(x) * (1 + weight)
     vision_dims=replace(QWEN3_VL_VISION_DIMS, deepstack=None),
     vision_quantized_ignore_patterns=("re:.*visual\\.merger.*", "re:.*lm_head"),
     vision_quantization_unsupported="",
