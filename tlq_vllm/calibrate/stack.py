@@ -78,8 +78,8 @@ def calibrate_stack(
 ) -> dict[int, BlockResults]:
     """Calibrates every block of the stack in order; returns each block's results by index.
 
-    groups[b], kwargs[b] and token_sets[b] are block b's linear groups in execution order, its per-sample
-    keyword arguments and its token sets
+    groups[b], kwargs[b] and token_sets[b] are block b's linear groups in execution order (a hybrid
+    decoder's differ by layer kind), its per-sample keyword arguments and its token sets
     (linear name -> TokenSet), this rank's shard; scheme, solver, device, exposure mode and log come
     from the run context. fp_hiddens, when given, are pushed through the FP blocks beside the
     quantized path. injections and fp_injections (per sample, this rank's shard; fp_injections
