@@ -153,7 +153,8 @@ def test_tlq_weights_reach_the_pipelines_hessian(tmp_path, monkeypatch):
     provenance's effective token count is that of these weights."""
     hessians = []
     solve = layerwise.quantize_linear
-    monkeypatch.setattr(layerwise, "quantize_linear", lambda w, h, *a: hessians.append(h.clone()) or solve(w, h, *a))
+    monkeypatch.setattr(layerwise, "quantize_linear",
+                        lambda w, h, *a, **kw: hessians.append(h.clone()) or solve(w, h, *a, **kw))
     config = CalibrationConfig(model=str(build_fixture("qwen2-vl")), method="tlq", num_samples=3, seed=0,
                                output=str(tmp_path / "out"), progress=False, compute_dtype="model")
     out = run(config)

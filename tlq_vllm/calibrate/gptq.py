@@ -14,6 +14,7 @@ follow the paper and the reference `fasterquant` (W, H, Hinv, Err, blocks i1:i2)
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ def gptq_quantize(
     clip_ratios: Sequence[float] | None = None,
     scale_dtype: torch.dtype | None = None,
     max_damp_retries: int = 3,
+    consume_hessian: bool = False,
 ) -> GPTQResult:
     """Quantizes weight [out, in] given H [in, in] with GPTQ (arXiv 2210.17323, Algorithm 1).
 
@@ -137,6 +139,15 @@ def gptq_quantize(
     * block_size only changes speed (lazy batch updates); the result is that of the unblocked
       column-by-column algorithm. It is rounded to a multiple of the group size when neither
       divides the other, so a group's scale always sees its fully updated columns.
+    * The loss comes from the solve itself, without another pass over H: with H_damped = R R^T (R
+      upper triangular) and Err the columns' scaled errors (w - q s) R_qq, the final dW = Err R^-1,
+      so tr(dW H_damped dW^T) = ||Err||^2, and the undamped loss is
+      (||Err||^2 - lambda ||dW||^2) / 2 (lambda = the damping added to the diagonal; dead columns
+      have dW = 0 in the solve and no tokens under H).
+    * consume_hessian=True: H (when float32 on weight's device) becomes the solver's working matrix and
+      is overwritten; the caller must not read it afterwards. That saves one [in, in] matrix at the
+      solve's peak (306 MiB for a Qwen2-VL-2B down_proj). If the solve then falls back to RTN, its
+      loss is NaN (H is gone; the caller knows its own RTN error).
     Computed in float32 on weight's device.
     """
     out_features, in_features = weight.shape
@@ -148,13 +159,13 @@ def gptq_quantize(
     if block_size <= 0 or damp < 0:
         raise ValueError(f"need block_size > 0 and damp >= 0, got block_size={block_size}, damp={damp}")
     clip_ratios = check_clip_ratios(clip_ratios)
-    # Memory: besides the caller's H (read, never written; used again for the loss) the solve holds
-    # at most two [in, in] float32 matrices at a time: a working H, then its Cholesky factor, then
-    # H^-1, then U (each freed as the next appears). For a 72B down_proj (in = 29568) one is 3.5 GB.
-    H_in = hessian.detach().to(weight.device, torch.float32)  # [in, in], as given: for the loss
+    # Memory: the solve holds two [in, in] float32 matrices: the damped H and its Cholesky factor.
+    # Unless consumed, H is a copy and the caller's (read again only if the solve falls back to RTN)
+    # is a third. For a 72B down_proj (in = 29568) one is 3.5 GB.
+    H = hessian.detach().to(weight.device, torch.float32, copy=not consume_hessian)  # [in, in] working matrix
+    H_in = None if consume_hessian else hessian  # for a fallback's loss
 
     W = weight.detach().float().clone()  # [out, in]
-    H = H_in.clone()  # [in, in] working copy
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -166,9 +177,10 @@ def gptq_quantize(
         perm = torch.argsort(diag_H, descending=True, stable=True) if act_order else torch.arange(in_features)
         perm = perm.to(W.device)
         scales = _group_scales(W, group, scheme, clip_ratios, importance, scale_dtype)  # [out, G]
-        W = W[:, perm]
-        H = H[perm]  # two steps, so at most two [in, in] matrices exist at once
-        H = H[:, perm]
+        if act_order:
+            W = W[:, perm]
+            H.copy_(H[perm])  # rows, then columns, in place: one temporary [in, in] at a time
+            H.copy_(H[:, perm])
     else:
         perm = torch.arange(in_features, device=W.device)
         scales = torch.empty(out_features, in_features // group, device=W.device)  # [out, G]
@@ -176,10 +188,10 @@ def gptq_quantize(
             block_size = group * max(1, block_size // group)
     group_of = (perm // group).tolist()  # solve position -> group index in the original order
 
-    working = [H]  # handed over: the function drops the last reference to H once it is factorised
+    mean_diag = float(diag_H.mean())  # the unit of the damping
+    L, damp_used = _reversed_cholesky(H, damp, max_damp_retries)  # J H_damped J = L L^T
     del H
-    Hinv, damp_used = _inverse_cholesky_upper(working, damp, max_damp_retries)  # upper factor of H^-1
-    if Hinv is None:
+    if L is None:
         warnings.warn(
             f"GPTQ: H of a [{out_features}, {in_features}] layer is not positive definite even with "
             f"damping {damp} x 10^{max_damp_retries}; falling back to round-to-nearest. Likely causes: "
@@ -189,20 +201,40 @@ def gptq_quantize(
             stacklevel=2,
         )
         scales = _group_scales(weight, group, scheme, clip_ratios, importance, scale_dtype)
-        return _result(quantize(weight, scales, scheme), scales, weight, H_in, scheme, None)
+        qweight = quantize(weight, scales, scheme)
+        weight_hat = dequantize(qweight, scales, scheme)
+        D = weight.detach().float() - weight_hat  # [out, in]
+        loss = 0.5 * float(((D @ H_in.to(D.device, torch.float32)) * D).sum()) if H_in is not None else math.nan
+        return GPTQResult(qweight, scales, weight_hat, loss, None, fallback_rtn=True)
 
+    # R = J L J (J reverses the order) is upper triangular with H_damped = R R^T. Every column's final
+    # error dW_k = W0_k - q_k s_k (W0: W as given) then moves the later columns by dW_k R_kj / R_jj:
+    # the OBS update that the reference takes from U = chol(H^-1) (U = R^-1), from R itself, so no
+    # inverse is formed. Blocks of R are read from L reversed (R[a:b, c:e] = L[n-b:n-a, n-e:n-c]).
+    n = in_features
+    r_diag = L.diagonal().flip(0)  # [in]: R_jj
+    W0 = W  # [out, in], solve order
+    W = W0.clone()  # the columns as the solve updates them
+    err_sq = torch.zeros((), dtype=torch.float64, device=W.device)  # ||(w - q s) R_jj||^2, for the loss
     Q = torch.zeros_like(W)  # [out, in] grid integers, in solve order
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         W1 = W[:, i1:i2].clone()  # [out, B]
-        Err1 = torch.zeros_like(W1)  # [out, B]
-        Hinv1 = Hinv[i1:i2, i1:i2]  # [B, B]
+        dW1 = torch.zeros_like(W1)  # [out, B]: the block's final errors
+        R1 = L[n - i2 : n - i1, n - i2 : n - i1].flip((0, 1)) / r_diag[i1:i2]  # [B, B]: R_kj / R_jj
         for i in range(i2 - i1):
             col = i1 + i
             if not static and col % group == 0:
-                # The group's columns, updated by every column before it: inside this block
-                # (block a multiple of group) or, when a group spans blocks, starting here (i == 0).
-                cols = W1[:, i : i + group] if block_size >= group else W[:, col : col + group]
+                # The group's columns as the reference has them here (the OBS optimum given every
+                # column before col): inside this block (block a multiple of group) or, when a group
+                # spans blocks, starting here (i == 0). Ours hold W0 + (dW_<col R)_j / R_jj, which
+                # reaches that value only when column j itself is reached; the group's scale needs
+                # it now: W0 + (dW_<col R_<col,g) R_gg^-1 (a [group, group] triangular solve).
+                g0, g1 = col, col + group
+                moved = (W1[:, i : i + group] if block_size >= group else W[:, g0:g1]) - W0[:, g0:g1]
+                R_gg = L[n - g1 : n - g0, n - g1 : n - g0].flip((0, 1)) / r_diag[g0:g1]  # unit upper
+                cols = W0[:, g0:g1] + torch.linalg.solve_triangular(R_gg, moved, upper=True, left=False,
+                                                                    unitriangular=True)
                 d = None if importance is None else importance[col : col + group]
                 s_group = _group_scales(cols, group, scheme, clip_ratios, d, scale_dtype)  # [out, 1]
                 scales[:, col // group] = s_group[:, 0]
@@ -210,59 +242,46 @@ def gptq_quantize(
             s = scales[:, group_of[col]]  # [out]
             q = round_to_grid(w, s, scheme)  # [out]
             Q[:, col] = q
-            err1 = (w - q * s) / Hinv1[i, i]  # [out]
-            W1[:, i:] -= torch.outer(err1, Hinv1[i, i:])  # error feedback inside the block
-            Err1[:, i] = err1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the later blocks
+            dw = W0[:, col] - q * s  # [out]
+            W1[:, i + 1 :].addr_(dw, R1[i, i + 1 :])  # error feedback inside the block (in place)
+            dW1[:, i] = dw
+        if i2 < n:  # lazy batch update of the later blocks
+            W[:, i2:].addmm_(dW1, L[n - i2 : n - i1, : n - i2].flip((0, 1)) / r_diag[i2:])
+        QS1 = Q[:, i1:i2] * scales[:, group_of[i1:i2]]  # [out, B]
+        err_sq += ((W1 - QS1) * r_diag[i1:i2]).square().sum(dtype=torch.float64)
 
-    qweight = torch.empty_like(Q)
-    qweight[:, perm] = Q  # back to the original column order
-    return _result(qweight.to(torch.int8), scales, weight, H_in, scheme, damp_used)
+    qweight = torch.empty_like(Q, dtype=torch.int8)
+    qweight[:, perm] = Q.to(torch.int8)  # back to the original column order
+    del Q, W, W0, L
+    weight_hat = dequantize(qweight, scales, scheme)  # [out, in] float32
+    D = weight.detach().float() - weight_hat
+    D[:, dead] = 0  # the solve's dW there is 0 (W zeroed); no token ever reaches those inputs
+    loss = 0.5 * float(err_sq - damp_used * mean_diag * D.square().sum(dtype=torch.float64))
+    return GPTQResult(qweight, scales, weight_hat, loss, damp_used, fallback_rtn=False)
 
 
-def _inverse_cholesky_upper(
-    working: list[torch.Tensor], damp: float, max_retries: int
-) -> tuple[torch.Tensor | None, float | None]:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (H^-1 = U^T U), as the reference
-    computes it: row q of U, divided by U_qq, is the OBS update for column q given that columns
-    < q are already fixed. Retries with 10x the damping; (None, None) when nothing works.
+def _reversed_cholesky(H: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor | None, float | None]:
+    """L, lower triangular, with J (H + damp * mean(diag H) * I) J = L L^T (J reverses the order of
+    rows and columns), and the relative damping that made the factorisation succeed. Retries with
+    10x the damping; (None, None) when nothing works.
 
-    `working` holds the caller's working copy of H as its only reference: damping is added to it in
-    place, and it is released as soon as its factor exists, so that at most two [in, in] matrices
-    are alive at once (H and L, then L and H^-1, then H^-1 and U). Finiteness is checked on the
-    factors' diagonals: a successful factorisation of a finite matrix has finite entries."""
-    H = working.pop()
+    R = J L J is then the upper triangular factor with H_damped = R R^T that the solve reads: R^-1 is
+    the upper Cholesky factor of H_damped^-1 that the reference computes (cholesky, cholesky_inverse,
+    cholesky again: 4/3 in^3 flops), got here with one factorisation (1/3 in^3). H is overwritten
+    (reversed and damped, in place): at most two [in, in] matrices are alive at once, H and L.
+    Finiteness is checked on L's diagonal: every NaN or inf of the lower triangle (the one potrf
+    reads) reaches it."""
     mean_diag = torch.diag(H).mean()
-    if not torch.isfinite(mean_diag) or mean_diag <= 0 or not bool(torch.isfinite(H).all()):
+    if not torch.isfinite(mean_diag) or mean_diag <= 0:
         return None, None
+    H.copy_(H.flip((0, 1)))  # J H J (one temporary)
     rel, added = damp, 0.0
     for _ in range(max_retries + 1):
         H.diagonal().add_((rel - added) * mean_diag)
         added = rel
-        L, info = torch.linalg.cholesky_ex(H)
-        if info == 0 and bool(torch.isfinite(L.diagonal()).all()):
-            del H  # factorised: no retry will need it
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
-            if info == 0 and bool(torch.isfinite(U.diagonal()).all()):
-                return U, rel
-            return None, None  # H^-1 not positive definite in float32: more damping is no longer possible
+        L, status = torch.linalg.cholesky_ex(H)
+        if status == 0 and bool(torch.isfinite(L.diagonal()).all()):
+            return L, rel
         del L
         rel = rel * 10 if rel > 0 else 0.01
     return None, None
-
-
-def _result(
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    weight: torch.Tensor,
-    H: torch.Tensor,
-    scheme: Scheme,
-    damp_used: float | None,
-) -> GPTQResult:
-    weight_hat = dequantize(qweight, scales, scheme)  # [out, in] float32
-    D = weight.detach().float() - weight_hat  # [out, in]
-    loss = 0.5 * float(((D @ H) * D).sum())
-    return GPTQResult(qweight, scales, weight_hat, loss, damp_used, fallback_rtn=damp_used is None)

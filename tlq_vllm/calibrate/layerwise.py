@@ -90,20 +90,33 @@ def weighted_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
 
 
 def quantize_linear(
-    weight: torch.Tensor, hessian: torch.Tensor | None, scheme: Scheme, options: SolverOptions, scale_dtype: torch.dtype
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    scheme: Scheme,
+    options: SolverOptions,
+    scale_dtype: torch.dtype,
+    *,
+    consume_hessian: bool = False,
 ) -> LinearResult:
     """Solves one linear: GPTQ on H, or RTN (no data). Scales are rounded to the model dtype,
-    the dtype the checkpoint and kernel hold them in, so the integers fit the real scales."""
+    the dtype the checkpoint and kernel hold them in, so the integers fit the real scales.
+
+    error_rtn is what `--method rtn` with the same options writes (the same clip search, weighted
+    by H's diagonal), under the same H: the baseline the log compares the solve to. When GPTQ
+    falls back (H not positive definite even damped; gptq_quantize warns), that RTN solution is
+    the result. consume_hessian: H's last use, so GPTQ may overwrite it (one [in, in] matrix less)."""
     w = weight.detach().float()
+    diag = torch.diagonal(hessian).clamp_min(0) if hessian is not None and options.clip_search else None
+    if diag is not None and not bool(torch.isfinite(diag).all()):
+        diag = None  # a broken H: GPTQ will fall back (and say so); RTN's search goes unweighted
+    clip = DEFAULT_CLIP_RATIOS if options.clip_search else None
+    scales = compute_scales(w, scheme, clip_ratios=clip, hessian_diag=diag, scale_dtype=scale_dtype)
+    q = quantize(w, scales, scheme)
+    rtn_error = weighted_error(w - dequantize(q, scales, scheme), hessian) if hessian is not None else 0.0
+    rtn = LinearResult(q, scales.float(), rtn_error, rtn_error)
     if hessian is None or options.solver == RTN:
-        diag = torch.diagonal(hessian).clamp_min(0) if hessian is not None else None
-        clip = DEFAULT_CLIP_RATIOS if options.clip_search else None
-        scales = compute_scales(w, scheme, clip_ratios=clip, hessian_diag=diag, scale_dtype=scale_dtype)
-        q = quantize(w, scales, scheme)
-        err = weighted_error(w - dequantize(q, scales, scheme), hessian) if hessian is not None else 0.0
-        return LinearResult(q, scales.float(), err, err)
-    rtn_scales = compute_scales(w, scheme, scale_dtype=scale_dtype)
-    rtn_error = weighted_error(w - dequantize(quantize(w, rtn_scales, scheme), rtn_scales, scheme), hessian)
+        return rtn
+    del q, scales
     result = gptq_quantize(
         w,
         hessian,
@@ -111,11 +124,13 @@ def quantize_linear(
         block_size=options.block_size,
         damp=options.damp,
         act_order=options.act_order,
-        clip_ratios=DEFAULT_CLIP_RATIOS if options.clip_search else None,
+        clip_ratios=clip,
         scale_dtype=scale_dtype,
+        consume_hessian=consume_hessian,
     )
-    error = weighted_error(w - result.weight_hat, hessian)
-    return LinearResult(result.qweight, result.scales.float(), rtn_error, error, result.fallback_rtn)
+    if result.fallback_rtn:
+        return replace(rtn, fallback_rtn=True)
+    return LinearResult(result.qweight, result.scales.float(), rtn_error, result.loss)
 
 
 MODES = ("exposed", "fp", "asymmetric")
@@ -206,18 +221,22 @@ def calibrate_layer(
             for name, tokens in dist.to_owners_in_sample_order(s, counts, mine, summed, device):
                 _add_tokens(hessians[name], cross.get(name), *tokens)
                 del tokens  # before the next sample's copy exists
+        last_reader = {source[n]: n for n in group}  # the last linear solved from each summed Hessian
         for name, linear, owner in zip(group, linears, owners, strict=True):
             result = None
             if dist.rank == owner:
-                hessian = hessians[source[name]].hessian.float()
+                last = last_reader[source[name]] == name
+                rows = hessians[source[name]].num_tokens if routed else None
+                # its last reader takes the Hessian out of the dict: the solve may then overwrite it
+                hessian = (hessians.pop(source[name]) if last else hessians[source[name]]).hessian.float()
                 weight = linear.weight
                 if mode == "asymmetric":
                     weight = asymmetric_target(originals[name].float(), hessian, cross[source[name]].float(),
                                                options.damp)
-                rows = hessians[source[name]].num_tokens if routed else None
                 too_few = rows is not None and rows < MIN_EXPERT_TOKENS and options.solver != RTN
                 result = quantize_linear(weight, hessian, scheme, replace(options, solver=RTN) if too_few else options,
-                                         dtype)
+                                         dtype, consume_hessian=last)
+                del hessian
                 result = replace(result, fallback_rtn=result.fallback_rtn or too_few, tokens=rows)
             result = dist.broadcast(result, owner)
             linear.weight.data = dequantize(result.qweight.to(device), result.scales.to(device), scheme, dtype
