@@ -216,7 +216,7 @@ def gptq_quantize(
     W0 = W  # [out, in], solve order
     W = W0.clone()  # the columns as the solve updates them
     err_sq = torch.zeros((), dtype=torch.float64, device=W.device)  # ||(w - q s) R_jj||^2, for the loss
-    Q = torch.zeros_like(W)  # [out, in] grid integers, in solve order
+    Q = torch.zeros_like(W, dtype=torch.int8)  # [out, in] grid integers (<= 8 bits), in solve order
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         W1 = W[:, i1:i2].clone()  # [out, B]
@@ -251,7 +251,7 @@ def gptq_quantize(
         err_sq += ((W1 - QS1) * r_diag[i1:i2]).square().sum(dtype=torch.float64)
 
     qweight = torch.empty_like(Q, dtype=torch.int8)
-    qweight[:, perm] = Q.to(torch.int8)  # back to the original column order
+    qweight[:, perm] = Q  # back to the original column order
     del Q, W, W0, L
     weight_hat = dequantize(qweight, scales, scheme)  # [out, in] float32
     D = weight.detach().float() - weight_hat

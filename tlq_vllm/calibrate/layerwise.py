@@ -239,8 +239,9 @@ def calibrate_layer(
                 del hessian
                 result = replace(result, fallback_rtn=result.fallback_rtn or too_few, tokens=rows)
             result = dist.broadcast(result, owner)
-            linear.weight.data = dequantize(result.qweight.to(device), result.scales.to(device), scheme, dtype
-                                            ).to(layer_dtype)
+            # written into the weight's own memory: a new tensor would leave the loaded weight's pages
+            # (a private memory map of the checkpoint) resident beside it, a layer's weights twice
+            linear.weight.data.copy_(dequantize(result.qweight.to(device), result.scales.to(device), scheme, dtype))
             results[name] = replace(result, qweight=result.qweight.cpu(), scales=result.scales.cpu())
             quantized.append(linear)
     return results

@@ -216,19 +216,21 @@ def on_device(module: torch.nn.Module, device: torch.device | str, dtype: torch.
     """Moves `module` to `device` for the duration of the block and back to CPU after it.
 
     dtype: its floating parameters and buffers of a narrower dtype are also widened to it for the
-    duration (compute_dtype) and narrowed back after. The round trip is exact, so weights set
-    inside the block to values of their own dtype come back as set."""
+    duration (compute_dtype) and narrowed back after, into their own memory (a loaded weight's
+    pages of the checkpoint's memory map, which stay resident once read: a new tensor would hold
+    the layer twice). The round trip is exact, so weights set inside the block to values of their
+    own dtype come back as set."""
     module.to(device)
     tensors = [t for t in [*module.parameters(), *module.buffers()]
                if dtype is not None and t.is_floating_point() and t.itemsize < dtype.itemsize]
-    own = [t.dtype for t in tensors]
+    own = [t.data for t in tensors]
     for t in tensors:
         t.data = t.data.to(dtype)
     try:
         yield module
     finally:
-        for t, d in zip(tensors, own, strict=True):
-            t.data = t.data.to(d)
+        for t, narrow in zip(tensors, own, strict=True):
+            t.data = narrow.copy_(t.data)
         module.to("cpu")
 
 

@@ -90,6 +90,7 @@ import torch
 
 from tlq_vllm.calibrate.config import GRANULARITIES, CalibrationConfig
 from tlq_vllm.calibrate.importance import LOSS_CHUNK_ELEMENTS
+from tlq_vllm.calibrate.layerwise import SolverOptions
 from tlq_vllm.calibrate.methods import GPTQ, TOKEN, Method, get_method
 from tlq_vllm.calibrate.planner.dims import ModelDims, PlanError, model_dims
 from tlq_vllm.calibrate.schemes import SCHEMES, Scheme
@@ -117,10 +118,13 @@ class Assumptions:
     cross_always: bool = False  # calibrate_layer allocates [in, in] cross matrices only for --asymmetric-target
     hessian_bytes: int = 4  # Hessians accumulate in --hessian-dtype (float32 default; 8 for float64)
     hessian_float32_copy: bool = False  # with float64 Hessians the solver gets a float32 copy of each
-    # [in, in] float32 matrices alive inside gptq_quantize at its peak besides the caller's H: two (the
-    # working H and its factor, then the factor and H^-1, then H^-1 and U; gptq._inverse_cholesky_upper)
-    # + torch.isfinite(H)'s bool temporary; checked against measured allocations (tests/test_planner.py)
-    solver_inin_copies: float = 2.25
+    # [in, in] float32 matrices alive inside gptq_quantize at its peak besides the caller's H: one. The
+    # last linear solved from a summed Hessian lets the solve overwrite it (layerwise.calibrate_layer), so
+    # the solve adds only the Cholesky factor (or, before it, the reversal's temporary;
+    # gptq._reversed_cholesky). A linear that shares its Hessian with a later one works on a copy (two),
+    # but the plan counts a Hessian per linear, which covers that copy. Checked against measured
+    # allocations (tests/test_planner.py)
+    solver_inin_copies: float = 1.0
     text_tokens: int = 64  # non-vision tokens of a sample (system prompt, question, answer)
     attn_implementation: str = "sdpa"  # "sdpa" (no T^2 buffers) or "eager" (materialised attention)
     keep_fraction: float = 0.6  # token-set bound: rho + modality floor (defaults 0.5 + 0.1)
@@ -139,7 +143,7 @@ class Assumptions:
 # The defaults model the calibrator as it is; LEAN, what is still worth building on the host side: one
 # shared copy of the weights per node and the integers kept by rank 0 only (the device side of it --
 # float32 Hessians, cross matrices only for --asymmetric-target, a two-copy solver -- is built).
-LEAN = Assumptions(cross_always=False, hessian_bytes=4, hessian_float32_copy=False, solver_inin_copies=2,
+LEAN = Assumptions(cross_always=False, hessian_bytes=4, hessian_float32_copy=False, solver_inin_copies=1,
                    host_weights="shared", results_on_every_rank=False)
 
 # Host parts that only rank 0 holds (it writes the checkpoint); the other ranks hold the rest.
@@ -352,7 +356,11 @@ def _groups_peak(d: ModelDims, kind: str | None, T: int, *, rows_bytes: tuple[in
             out_f = shapes[name][0]
             W = out_f * in_f * 4
             inin = sq * 4
-            gptq = max(int(a.solver_inin_copies * inin) + 2 * W, 2 * inin + 8 * W) if solve else 6 * W
+            # the RTN baseline's error first (up to 8 [out, in] float32 temporaries), then the solve: its
+            # [in, in] matrix, W0, W, the weight's float32 copy, the integers, and the lazy update's two
+            # [block, in] slices of the factor (measured on shapes from 64 x 2048 to 512 x 256)
+            solve_phase = int(a.solver_inin_copies * inin) + 4 * W + 2 * SolverOptions.block_size * in_f * 4
+            gptq = max(8 * W, solve_phase) if solve else 6 * W
             if f == 4:  # a float32 layer: the solver's two float32 copies of the weight are the weight itself
                 gptq -= 2 * W
             asym = (4 * inin + 2 * W) if asymmetric else 0  # cross.float(), H + damp I, the LU of solve, eye
@@ -420,7 +428,9 @@ def peaks(
     weights = d.total_params * b
     layer = d.layer_params * b
     f = forward_bytes(config, device, b)
-    widened = d.layer_params * (f - b)  # a layer computing in float32 on a bf16 model
+    # a layer computing in float32 on a bf16 model: a float32 copy beside its own weights, which are kept to be
+    # narrowed back into (streaming.on_device)
+    widened = d.layer_params * f if f != b else 0
     prepared = num_samples if (a.samples_on_every_rank or nproc == 1) else S  # samples whose inputs a rank holds
     sample_inputs = prepared * (T * 25 + Tv * d.vision.pixels_per_token * d.vision.in_channels * 4) if uses_data else 0
     hidden = S * T * H * b  # one copy of every sample's hidden states
@@ -458,8 +468,8 @@ def peaks(
         else:
             dev = {"layer (float32)": d.layer_params * 4, "activations (float32)": layer_phase - d.layer_params * 4}
         host = {**host_fwd, "output gradients": S * T * H * 4, "importances": imp}
-        # on a CPU "device" lm_head stays where it is and the layer is widened in place
-        moves = {"lm_head": lm_head, "layer (float32)": layer}
+        # on a CPU "device" lm_head stays where it is; the layer's float32 copy is new memory beside it
+        moves = {"lm_head": lm_head}
         rows.append(("importance backward", dev, host, moves, False))
     else:
         rows.append(("importance forward", {}, dict(base_host), {}, True))
@@ -526,7 +536,8 @@ def _notes(p: Plan) -> list[str]:
     if cal.device_bytes and not cal.skipped:
         accumulators = f"float{8 * a.hessian_bytes} Hessians" + (" and cross matrices" if a.cross_always else "")
         notes.append(f"calibrate layer: {cal.device_binding} is the largest part: {accumulators}, and "
-                     f"{a.solver_inin_copies:g} float32 [in, in] copies inside the GPTQ solve; it does not "
+                     f"{a.solver_inin_copies:g} more float32 [in, in] "
+                     f"{'matrix' if a.solver_inin_copies == 1 else 'matrices'} inside the GPTQ solve; it does not "
                      "shrink with fewer samples, shorter sequences or more ranks")
     if p.nproc > 1:
         notes.append(f"{p.nproc} ranks: {p.samples_per_rank} samples per rank; weights "
