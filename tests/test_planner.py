@@ -157,10 +157,11 @@ def test_more_ranks_less_sample_memory_per_rank():
 
 def test_72b_fits_a_24gb_card_and_the_down_proj_solve_is_the_peak():
     """A 72B decoder layer is ~1.76 GB in bf16 and mlp.down_proj's Hessian (in = 29568) is 3.5 GB
-    in float32. With float32 Hessians and a solver that holds at most two more [in, in] float32
-    matrices (gptq._inverse_cholesky_upper) the calibrate-layer stage needs ~21 GiB on one card,
-    whatever the samples, sequence length or ranks: it fits 24 GiB, with little room. With float64
-    Hessians (--hessian-dtype float64, bit-exact distributed runs) it does not."""
+    in float32. With float32 Hessians that the solve may overwrite and one more [in, in] float32
+    matrix in it (the Cholesky factor, gptq._reversed_cholesky), plus the [out, in] float32
+    temporaries (~1 GB each), the calibrate-layer stage needs ~12 GiB on one card, whatever the
+    samples, sequence length or ranks. With float64 Hessians (--hessian-dtype float64) the
+    accumulator is twice that and the solver gets a float32 copy: ~19 GiB, still inside 24."""
     p = plan_from_path("qwen2-vl-72b", RUN, device_mem_bytes=24 * GiB)
     d = p.dims
     assert 1.7e9 < d.layer_params * 2 < 1.8e9
@@ -168,11 +169,13 @@ def test_72b_fits_a_24gb_card_and_the_down_proj_solve_is_the_peak():
     assert p.fits_device is True
     cal = p.stage("calibrate layer")
     assert "mlp.down_proj" in cal.device_binding and cal.device_bytes == p.peak_device_bytes
-    assert 18 * GiB < cal.device_bytes < 23 * GiB
+    assert 10 * GiB < cal.device_bytes < 14 * GiB
     assert _peaks("qwen2-vl-72b", nproc=8)[0] == p.peak_device_bytes  # ranks do not shrink one layer
     wide = plan_from_path("qwen2-vl-72b", RUN, device_mem_bytes=24 * GiB,
                           assumptions=replace(Assumptions(), hessian_bytes=8, hessian_float32_copy=True))
-    assert wide.fits_device is False
+    # 3.5 GB more accumulator and the 3.5 GB float32 copy
+    assert wide.stage("calibrate layer").device_bytes - cal.device_bytes == pytest.approx(2 * d.intermediate**2 * 4,
+                                                                                            rel=0.05)
     # --hessian-dtype float64 in the config plans the same
     assert plan_from_path("qwen2-vl-72b", replace(RUN, hessian_dtype="float64"), device_mem_bytes=24 * GiB).stage(
         "calibrate layer").device_parts == wide.stage("calibrate layer").device_parts
