@@ -55,6 +55,11 @@ def weighted_hessian(
     return torch.mm(x.T, x).mul_(2.0)  # [in, in]
 
 
+def weighted_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(dW H dW^T) / 2 = sum_t w_t ||dW x_t||^2 for H = 2 sum_t w_t x_t x_t^T."""
+    return float(((delta @ hessian) * delta).sum() / 2)
+
+
 @dataclass
 class HessianAccumulator:
     """A running H = 2 sum_t w_t x_t x_t^T with the token count and weight sum beside it.
@@ -190,8 +195,7 @@ def gptq_quantize(
             block_size = group * max(1, block_size // group)
     group_of = (perm // group).tolist()  # solve position -> group index in the original order
 
-    mean_diag = float(diag_H.mean())  # the unit of the damping
-    L, damp_used = _reversed_cholesky(H, damp, max_damp_retries)  # J H_damped J = L L^T
+    L, damp_used, damping = _reversed_cholesky(H, damp, max_damp_retries)  # J (H + damping I) J = L L^T
     del H
     if L is None:
         warnings.warn(
@@ -206,7 +210,7 @@ def gptq_quantize(
         qweight = quantize(weight, scales, scheme)
         weight_hat = dequantize(qweight, scales, scheme)
         D = weight.detach().float() - weight_hat  # [out, in]
-        loss = 0.5 * float(((D @ H_in.to(D.device, torch.float32)) * D).sum()) if H_in is not None else math.nan
+        loss = weighted_error(D, H_in.to(D.device, torch.float32)) if H_in is not None else math.nan
         return GPTQResult(qweight, scales, weight_hat, loss, None, fallback_rtn=True)
 
     # R = J L J (J reverses the order) is upper triangular with H_damped = R R^T. Every column's final
@@ -258,14 +262,16 @@ def gptq_quantize(
     weight_hat = dequantize(qweight, scales, scheme)  # [out, in] float32
     D = weight.detach().float() - weight_hat
     D[:, dead] = 0  # the solve's dW there is 0 (W zeroed); no token ever reaches those inputs
-    loss = 0.5 * float(err_sq - damp_used * mean_diag * D.square().sum(dtype=torch.float64))
+    loss = 0.5 * float(err_sq - damping * D.square().sum(dtype=torch.float64))
     return GPTQResult(qweight, scales, weight_hat, loss, damp_used, fallback_rtn=False)
 
 
-def _reversed_cholesky(H: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor | None, float | None]:
+def _reversed_cholesky(H: torch.Tensor, damp: float, max_retries: int
+                       ) -> tuple[torch.Tensor | None, float | None, float | None]:
     """L, lower triangular, with J (H + damp * mean(diag H) * I) J = L L^T (J reverses the order of
-    rows and columns), and the relative damping that made the factorisation succeed. Retries with
-    10x the damping; (None, None) when nothing works.
+    rows and columns); the relative damping that made the factorisation succeed, and the absolute
+    one it added to the diagonal (lambda, for the loss). Retries with 10x the damping;
+    (None, None, None) when nothing works.
 
     R = J L J is then the upper triangular factor with H_damped = R R^T that the solve reads: R^-1 is
     the upper Cholesky factor of H_damped^-1 that the reference computes (cholesky, cholesky_inverse,
@@ -275,7 +281,7 @@ def _reversed_cholesky(H: torch.Tensor, damp: float, max_retries: int) -> tuple[
     reads) reaches it."""
     mean_diag = torch.diag(H).mean()
     if not torch.isfinite(mean_diag) or mean_diag <= 0:
-        return None, None
+        return None, None, None
     H.copy_(H.flip((0, 1)))  # J H J (one temporary)
     rel, added = damp, 0.0
     for _ in range(max_retries + 1):
@@ -283,7 +289,7 @@ def _reversed_cholesky(H: torch.Tensor, damp: float, max_retries: int) -> tuple[
         added = rel
         L, status = torch.linalg.cholesky_ex(H)
         if status == 0 and bool(torch.isfinite(L.diagonal()).all()):
-            return L, rel
+            return L, rel, rel * float(mean_diag)
         del L
         rel = rel * 10 if rel > 0 else 0.01
-    return None, None
+    return None, None, None

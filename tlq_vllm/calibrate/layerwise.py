@@ -19,7 +19,7 @@ import torch
 
 from tlq_vllm.calibrate.distributed import SINGLE, Dist
 from tlq_vllm.calibrate.experts import RoutedInputs, routed_inputs, routed_token_weights
-from tlq_vllm.calibrate.gptq import HessianAccumulator, gptq_quantize
+from tlq_vllm.calibrate.gptq import HessianAccumulator, gptq_quantize, weighted_error
 from tlq_vllm.calibrate.hostmem import release_free_heap
 from tlq_vllm.calibrate.methods import GPTQ, RTN
 from tlq_vllm.calibrate.quantizer import (
@@ -82,11 +82,6 @@ def activation_fake_quant(linears: list[torch.nn.Module], scheme: Scheme) -> Ite
     finally:
         for handle in handles:
             handle.remove()
-
-
-def weighted_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr(dW H dW^T) / 2 = sum_t w_t ||dW x_t||^2 for H = 2 sum_t w_t x_t x_t^T."""
-    return float(((delta @ hessian) * delta).sum() / 2)
 
 
 def quantize_linear(
