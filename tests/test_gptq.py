@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from tlq_vllm.calibrate.gptq import GPTQResult, HessianAccumulator, gptq_quantize, weighted_hessian
+from tlq_vllm.calibrate.gptq import (
+    GPTQResult,
+    HessianAccumulator,
+    _restore_lower_from_upper,
+    _reverse_in_place,
+    _reversed_cholesky,
+    gptq_quantize,
+    weighted_hessian,
+)
 from tlq_vllm.calibrate.quantizer import DEFAULT_CLIP_RATIOS, compute_scales, fake_quantize
 from tlq_vllm.calibrate.schemes import Scheme
 
@@ -268,6 +276,54 @@ def test_indefinite_H_recovers_with_more_damping():
     consumed = gptq_quantize(w, H32, W4G16, consume_hessian=True)
     assert consumed.damp_used == pytest.approx(0.1) and torch.equal(consumed.qweight, plain.qweight)
     assert not torch.equal(H32, H.float())  # it was the working matrix
+
+
+def test_a_retry_solves_as_if_started_at_its_damping():
+    """A failed in-place factorisation overwrites H's lower triangle and diagonal; the retry restores
+    them from the upper triangle, so 0.01 -> fail -> 0.1 gives exactly the solve of damping 0.1.
+    in = 208 spans several of LAPACK's blocks (the restore's bands: test below)."""
+    g = torch.Generator().manual_seed(4)
+    in_features = 208
+    basis, _ = torch.linalg.qr(torch.randn(in_features, in_features, generator=g, dtype=torch.float64))
+    eig = torch.linspace(0.2, 2.0, in_features, dtype=torch.float64)
+    eig[7] = -0.05 * float(eig.mean())  # damping 0.01 fails, 0.1 succeeds
+    H = ((basis * eig) @ basis.T).float()
+    w = torch.randn(6, in_features, generator=g)
+    retried = gptq_quantize(w, H, W4G16, damp=0.01)
+    direct = gptq_quantize(w, H, W4G16, damp=0.1)
+    assert retried.damp_used == pytest.approx(0.1) and direct.damp_used == pytest.approx(0.1)
+    assert torch.equal(retried.qweight, direct.qweight) and retried.loss == direct.loss
+
+
+@pytest.mark.parametrize("n", [1, 5, 64])
+@pytest.mark.parametrize("chunk", [1, 7, 2**20])
+def test_reverse_in_place_is_the_flip(n, chunk):
+    H = torch.randn(n, n)
+    expected = H.flip((0, 1))
+    _reverse_in_place(H, chunk=chunk)
+    assert torch.equal(H, expected)
+
+
+def test_cpu_factorisation_is_in_place_and_keeps_the_upper_triangle():
+    """L is H's own memory (the CPU solve holds no second [in, in] matrix), its lower triangle equals
+    torch's Cholesky factor (float32 rounding), and the strict upper triangle is H's, for a retry."""
+    w, x = _problem(5, in_features=150)
+    H = weighted_hessian(x)
+    original = H.clone()
+    L, rel, added = _reversed_cholesky(H, 0.01, 3)
+    assert L.data_ptr() == H.data_ptr() and rel == 0.01
+    reversed_damped = original.flip((0, 1)) + added * torch.eye(150)
+    expected = torch.linalg.cholesky(reversed_damped.double())
+    torch.testing.assert_close(L.tril().double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert torch.equal(L.triu(1), reversed_damped.triu(1))
+
+
+def test_restore_rebuilds_the_lower_triangle_in_bands():
+    A = torch.randn(130, 130)
+    H = A + A.T
+    damaged = H.triu(1) + torch.randn(130, 130).tril()  # the lower triangle and diagonal overwritten
+    _restore_lower_from_upper(damaged, rows=32)
+    assert torch.equal(damaged - torch.diag(damaged.diagonal()), H - torch.diag(H.diagonal()))
 
 
 def test_a_consumed_H_that_falls_back_has_no_loss():

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .quantizer import (
@@ -153,7 +154,8 @@ def gptq_quantize(
       have dW = 0 in the solve and no tokens under H).
     * consume_hessian=True: H (when float32 on weight's device) becomes the solver's working matrix and
       is overwritten; the caller must not read it afterwards. That saves one [in, in] matrix at the
-      solve's peak (306 MiB for a Qwen2-VL-2B down_proj). If the solve then falls back to RTN, its
+      solve's peak (306 MiB for a Qwen2-VL-2B down_proj): on the CPU the solve then holds no [in, in]
+      matrix of its own. If the solve then falls back to RTN, its
       loss is NaN (H is gone; the caller knows its own RTN error).
     Computed in float32 on weight's device.
     """
@@ -166,9 +168,9 @@ def gptq_quantize(
     if block_size <= 0 or damp < 0:
         raise ValueError(f"need block_size > 0 and damp >= 0, got block_size={block_size}, damp={damp}")
     clip_ratios = check_clip_ratios(clip_ratios)
-    # Memory: the solve holds two [in, in] float32 matrices: the damped H and its Cholesky factor.
-    # Unless consumed, H is a copy and the caller's (read again only if the solve falls back to RTN)
-    # is a third. For a 72B down_proj (in = 29568) one is 3.5 GB.
+    # Memory: the solve holds one [in, in] float32 matrix on the CPU (H, factored in place) and two on
+    # CUDA (H and its Cholesky factor). Unless consumed, H is a copy and the caller's (read again only
+    # if the solve falls back to RTN) is one more. For a 72B down_proj (in = 29568) one is 3.5 GB.
     H = hessian.detach().to(weight.device, torch.float32, copy=not consume_hessian)  # [in, in] working matrix
     H_in = None if consume_hessian else hessian  # for a fallback's loss
 
@@ -276,20 +278,74 @@ def _reversed_cholesky(H: torch.Tensor, damp: float, max_retries: int
     R = J L J is then the upper triangular factor with H_damped = R R^T that the solve reads: R^-1 is
     the upper Cholesky factor of H_damped^-1 that the reference computes (cholesky, cholesky_inverse,
     cholesky again: 4/3 in^3 flops), got here with one factorisation (1/3 in^3). H is overwritten
-    (reversed and damped, in place): at most two [in, in] matrices are alive at once, H and L.
-    Finiteness is checked on L's diagonal: every NaN or inf of the lower triangle (the one potrf
-    reads) reaches it."""
+    (reversed and damped in place). Only L's lower triangle is meaningful: the solve reads nothing
+    above its diagonal. On the CPU (float32, contiguous) L is H itself, factored in place by LAPACK,
+    so the solve holds one [in, in] matrix (`_factor_in_place`); elsewhere torch's factorisation
+    allocates L beside H (two). Finiteness is checked on L's diagonal: every NaN or inf of the
+    triangle the factorisation reads reaches it."""
     mean_diag = torch.diag(H).mean()
     if not torch.isfinite(mean_diag) or mean_diag <= 0:
         return None, None, None
-    H.copy_(H.flip((0, 1)))  # J H J (one temporary)
-    rel, added = damp, 0.0
-    for _ in range(max_retries + 1):
-        H.diagonal().add_((rel - added) * mean_diag)
-        added = rel
-        L, status = torch.linalg.cholesky_ex(H)
-        if status == 0 and bool(torch.isfinite(L.diagonal()).all()):
+    _reverse_in_place(H)
+    in_place = H.device.type == "cpu" and H.dtype == torch.float32 and H.is_contiguous()
+    diag = H.diagonal().clone()  # [in]: the undamped diagonal (a failed in-place attempt overwrites it)
+    rel = damp
+    for attempt in range(max_retries + 1):
+        if in_place:
+            if attempt:
+                _restore_lower_from_upper(H)
+            H.diagonal().copy_(diag + rel * mean_diag)
+            ok = _factor_in_place(H)
+            L = H
+        else:
+            H.diagonal().copy_(diag + rel * mean_diag)
+            L, status = torch.linalg.cholesky_ex(H)
+            ok = status == 0
+        if ok and bool(torch.isfinite(L.diagonal()).all()):
             return L, rel, rel * float(mean_diag)
         del L
         rel = rel * 10 if rel > 0 else 0.01
     return None, None, None
+
+
+def _reverse_in_place(H: torch.Tensor, chunk: int = 2**20) -> None:
+    """H <- J H J for a contiguous square H: that is its flat buffer reversed, done by swapping
+    chunks from both ends, so no second [in, in] matrix is allocated (H.flip would be one)."""
+    if not H.is_contiguous():
+        H.copy_(H.flip((0, 1)))
+        return
+    flat = H.view(-1)
+    n = flat.numel()
+    for a in range(0, n // 2, chunk):
+        b = min(a + chunk, n // 2)
+        low, high = flat[a:b], flat[n - b : n - a]
+        saved = low.clone()
+        low.copy_(high.flip(0))
+        high.copy_(saved.flip(0))
+
+
+def _factor_in_place(H: torch.Tensor) -> bool:
+    """LAPACK's spotrf on H's own memory: afterwards H's lower triangle (diagonal included) is L with
+    H = L L^T, and its strict upper triangle still holds H's (unread by potrf). Whether it succeeded.
+
+    H is C-ordered; numpy's H.T is the same memory in Fortran order, where potrf's upper triangle
+    (A = U^T U) is H's lower triangle and U^T = L. torch.linalg.cholesky_ex has no in-place form:
+    it copies H into a new L, and zeroes the triangle kept here for a retry."""
+    from scipy.linalg import lapack
+
+    a = H.numpy().T
+    c, info = lapack.spotrf(a, lower=0, clean=0, overwrite_a=1)
+    if not np.shares_memory(c, a):  # cannot happen for a Fortran-ordered float32 array; stay correct if it did
+        H.copy_(torch.from_numpy(c.T))
+    return info == 0
+
+
+def _restore_lower_from_upper(H: torch.Tensor, rows: int = 1024) -> None:
+    """After a failed in-place factorisation: H's lower triangle again from its untouched strict upper
+    triangle (H is symmetric), a band of rows at a time. The diagonal is the caller's to rewrite."""
+    n = H.shape[0]
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        H[r0:r1, :r0] = H[:r0, r0:r1].T
+        block = H[r0:r1, r0:r1]
+        block.copy_(block.triu(1) + block.triu(1).T)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tlq_vllm.calibrate.data import ROLE_ANSWER, ROLE_PROMPT, ROLE_VISION
+from tlq_vllm.calibrate.hostmem import page_out, release_free_heap
 from tlq_vllm.calibrate.streaming import (
     LayerInputs,
     catch_layer_inputs_with_graph,
@@ -131,12 +132,14 @@ def gradient_importance(
     stored = [[x.hidden for x in inputs]]
     injections = [x.injection for x in inputs]
     for l, layer in enumerate(tqdm(layers, desc="importance: forward", disable=not progress, leave=False)):
-        with on_device(layer, device, compute_dtype):
+        with on_device(layer, device, compute_dtype, write_back=False):
             stored.append(run_layer(layer, stored[-1], [x.kwargs for x in inputs], device, injections, l))
+        release_free_heap()  # the widened copy's and the activations' pages
 
     importance: Importance = [{name: [] for name in names} for names in layer_names]
-    with on_device(final_norm, device, torch.float32), on_device(lm_head, device):
+    with on_device(final_norm, device, torch.float32, write_back=False), on_device(lm_head, device, write_back=False):
         losses, grads = answer_gradients(stored[-1], final_norm, lm_head, roles, input_ids, device)
+    page_out(lm_head.weight)  # read whole (151936 rows at 2B) and not again: its file pages leave RSS
 
     for l in tqdm(reversed(range(num_layers)), total=num_layers, desc="importance: backward",
                   disable=not progress, leave=False):
@@ -150,7 +153,7 @@ def gradient_importance(
 
                 handles.append(layer.get_submodule(name).register_forward_hook(keep_output_grad))
         try:
-            with on_device(layer, device, torch.float32):
+            with on_device(layer, device, torch.float32, write_back=False):
                 for s, x in enumerate(inputs):
                     grad_out = grads[s].to(device, torch.float32)
                     # detach: for a float32 model, .to() returns the caller's own tensor, whose .grad
@@ -166,6 +169,10 @@ def gradient_importance(
         finally:
             for handle in handles:
                 handle.remove()
+        del stored[l + 1]  # layer l's output: read by nothing below it
+        for param in layer.parameters():  # read again only when the layer is calibrated, from the file
+            page_out(param)
+        release_free_heap()
     return importance, losses, grads
 
 

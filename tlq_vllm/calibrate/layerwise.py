@@ -239,6 +239,8 @@ def calibrate_layer(
             linear.weight.data.copy_(dequantize(result.qweight.to(device), result.scales.to(device), scheme, dtype))
             results[name] = replace(result, qweight=result.qweight.cpu(), scales=result.scales.cpu())
             quantized.append(linear)
+            del result
+            release_free_heap()  # the solve's [out, in] temporaries, between the results that stay
     return results
 
 

@@ -399,7 +399,7 @@ def calibrate_model(ctx: RunContext, all_samples: list, partial: PartialRun,
         injections=[c.injection for c in caught], fp_injections=[c.injection for c in fp_caught],
         before_block=smooth if ctx.smoothquant_alpha is not None else None,
         finished=finished, apply_finished=lambda layer, done, dtype: apply_results(layer, done, ctx.scheme, dtype),
-        save=partial.save_layer, experts=ctx.adapter.sparse_experts,
+        save=partial.save_layer, experts=ctx.adapter.sparse_experts, drop_weights=True,
     )
     return results, vision_results, extra
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from tlq_vllm.calibrate.hostmem import drop_weight, release_free_heap
 from tlq_vllm.calibrate.layerwise import MIN_EXPERT_TOKENS, LinearResult, activation_fake_quant, calibrate_layer
 from tlq_vllm.calibrate.streaming import ResidualInjection, on_device, parameter_dtype, run_layer
 from tlq_vllm.calibrate.tokensets import BlockTokenSets
@@ -75,6 +76,7 @@ def calibrate_stack(
     apply_finished: Callable[[torch.nn.Module, BlockResults, torch.dtype], None] | None = None,
     save: Callable[[int, BlockResults], None] | None = None,
     experts: SparseExperts | None = None,
+    drop_weights: bool = False,
 ) -> dict[int, BlockResults]:
     """Calibrates every block of the stack in order; returns each block's results by index.
 
@@ -89,7 +91,11 @@ def calibrate_stack(
     results) stores a new block's. Each block computes in ctx.compute_dtype while it is on the
     device (streaming.compute_dtype); its weights are rounded to its own dtype.
     label ("layer", "vision block") names the log events and the progress bar. experts: the blocks'
-    MLPs are sparse MoE blocks (their expert linears are among the groups; layerwise.calibrate_layer)."""
+    MLPs are sparse MoE blocks (their expert linears are among the groups; layerwise.calibrate_layer).
+    drop_weights: nothing computes with these blocks afterwards (the model is only exported, and export
+    reads a quantized linear's shape and dtype): each block's quantized weights are dropped once its
+    outputs are pushed (hostmem.drop_weight), so the host holds the block being calibrated, not every
+    block calibrated so far (their dequantized copies: 89 MiB a layer at Qwen2-VL-2B width)."""
     finished = finished or {}
     device, scheme = ctx.device, ctx.scheme
     event, key = label.replace(" ", "-"), label.split()[-1]
@@ -128,4 +134,8 @@ def calibrate_stack(
                 with activation_fake_quant([block.get_submodule(n) for g in groups[b] for n in g], scheme):
                     hiddens = run_layer(block, hiddens, block_kwargs, device, injections, b)
             fp_hiddens = next_fp
+        if drop_weights:
+            for name in results[b]:
+                drop_weight(block.get_submodule(name))
+            release_free_heap()
     return results

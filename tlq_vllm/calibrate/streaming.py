@@ -211,15 +211,24 @@ def layer_forward(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) ->
 
 
 @contextlib.contextmanager
-def on_device(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None
-              ) -> Iterator[torch.nn.Module]:
+def on_device(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None, *,
+              write_back: bool = True) -> Iterator[torch.nn.Module]:
     """Moves `module` to `device` for the duration of the block and back to CPU after it.
 
     dtype: its floating parameters and buffers of a narrower dtype are also widened to it for the
     duration (compute_dtype) and narrowed back after, into their own memory (a loaded weight's
     pages of the checkpoint's memory map, which stay resident once read: a new tensor would hold
     the layer twice). The round trip is exact, so weights set inside the block to values of their
-    own dtype come back as set."""
+    own dtype come back as set.
+
+    write_back=False, for a pass that only reads the module (the importance pass): its parameters
+    get their own CPU tensors back untouched, instead of the device's or the widened values copied
+    into them or into new ones. No copy back, and no page of a memory-mapped weight written: a
+    written page becomes the process's own copy, so a read-only pass that wrote its values back
+    would leave every layer it visited in RSS a second time. Buffers (rotary tables) come back as
+    with write_back."""
+    params = list(module.parameters())
+    kept = [p.data for p in params] if not write_back else []
     module.to(device)
     tensors = [t for t in [*module.parameters(), *module.buffers()]
                if dtype is not None and t.is_floating_point() and t.itemsize < dtype.itemsize]
@@ -229,27 +238,34 @@ def on_device(module: torch.nn.Module, device: torch.device | str, dtype: torch.
     try:
         yield module
     finally:
+        if not write_back:  # the originals, untouched
+            for p, original in zip(params, kept, strict=True):
+                p.data = original
         for t, narrow in zip(tensors, own, strict=True):
-            t.data = narrow.copy_(t.data)
+            if write_back or not isinstance(t, torch.nn.Parameter):
+                t.data = narrow.copy_(t.data)
         module.to("cpu")
 
 
 @contextlib.contextmanager
 def pre_decoder_on_device(model: torch.nn.Module, decoder_prefix: str, device) -> Iterator[None]:
     """Moves everything but the decoder layers (vision tower, projector, embeddings, rotary
-    buffers) to `device` for a catcher; the decoder layers stay on CPU (catchers stop before them)."""
+    buffers) to `device` for a catcher; the decoder layers stay on CPU (catchers stop before them).
+    A catcher only reads them: afterwards each gets its own CPU tensor back (no copy of the vision
+    tower, embeddings and lm_head made on the host)."""
     if torch.device(device).type == "cpu":
         yield
         return
     prefix = decoder_prefix + "."
     tensors = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith(prefix)]
+    kept = [t.data for t in tensors]
     for t in tensors:
         t.data = t.data.to(device)
     try:
         yield
     finally:
-        for t in tensors:
-            t.data = t.data.to("cpu")
+        for t, original in zip(tensors, kept, strict=True):
+            t.data = original
 
 
 def run_layer(

@@ -286,4 +286,5 @@ def decoder_token_sets(ctx, caught: list[LayerInputs], samples: list, all_roles:
     )
     warn_if_concentrated(ctx.log, importance["effective_tokens"])
     local_sets = [{n: ts.shard(dist) for n, ts in per.items()} for per in sets]
-    return TokenWeighting(local_sets, {"importance": importance}, decoder_input_grads)
+    # dL/dh_0 (float32, every token: 60 MiB for 32 samples at 2B width) only for the vision pass to continue
+    return TokenWeighting(local_sets, {"importance": importance}, decoder_input_grads if ctx.quantize_vision else None)

@@ -118,13 +118,15 @@ class Assumptions:
     cross_always: bool = False  # calibrate_layer allocates [in, in] cross matrices only for --asymmetric-target
     hessian_bytes: int = 4  # Hessians accumulate in --hessian-dtype (float32 default; 8 for float64)
     hessian_float32_copy: bool = False  # with float64 Hessians the solver gets a float32 copy of each
-    # [in, in] float32 matrices alive inside gptq_quantize at its peak besides the caller's H: one. The
-    # last linear solved from a summed Hessian lets the solve overwrite it (layerwise.calibrate_layer), so
-    # the solve adds only the Cholesky factor (or, before it, the reversal's temporary;
-    # gptq._reversed_cholesky). A linear that shares its Hessian with a later one works on a copy (two),
-    # but the plan counts a Hessian per linear, which covers that copy. Checked against measured
-    # allocations (tests/test_planner.py)
+    # [in, in] float32 matrices alive inside gptq_quantize at its peak besides the caller's H, on a GPU:
+    # one. The last linear solved from a summed Hessian lets the solve overwrite it
+    # (layerwise.calibrate_layer), so the solve adds only torch's Cholesky factor
+    # (gptq._reversed_cholesky). A linear that shares its Hessian with a later one works on a copy, but
+    # the plan counts a Hessian per linear, which covers that copy. On the CPU LAPACK factors H in its
+    # own memory and the reversal swaps in place: none. Checked against measured allocations
+    # (tests/test_planner.py)
     solver_inin_copies: float = 1.0
+    solver_inin_copies_cpu: float = 0.0
     text_tokens: int = 64  # non-vision tokens of a sample (system prompt, question, answer)
     attn_implementation: str = "sdpa"  # "sdpa" (no T^2 buffers) or "eager" (materialised attention)
     keep_fraction: float = 0.6  # token-set bound: rho + modality floor (defaults 0.5 + 0.1)
@@ -305,7 +307,7 @@ def _loss_device(d: ModelDims, S: int, T: int, a: Assumptions) -> int:
 
 
 def _calibrate_device(d: ModelDims, T: int, scheme: Scheme, method: Method, asymmetric: bool,
-                      a: Assumptions, f: int) -> tuple[int, str]:
+                      a: Assumptions, f: int, inin_copies: float) -> tuple[int, str]:
     """Peak of calibrate_layer's group loop above the layer and its weight clone; and which linear.
 
     Per group (in = its input width, n its linears): the accumulators G = n in^2 hb (Hessians) +
@@ -313,7 +315,8 @@ def _calibrate_device(d: ModelDims, T: int, scheme: Scheme, method: Method, asym
     of each summed Hessian. Phases: allocation (the previous group's matrices are still referenced
     while the new ones are allocated), statistics (one sample's capture and the float64 product),
     solve (the float32 H, GPTQ's copies, the error report's [out, in] temporaries). f: bytes a
-    value of the layer's forwards (forward_bytes)."""
+    value of the layer's forwards (forward_bytes); inin_copies: the solve's own [in, in] matrices on this
+    device (Assumptions.solver_inin_copies, or its _cpu twin)."""
     b, a8, hb = d.dtype_bytes, scheme.quantizes_activations, a.hessian_bytes
     solve = method.solver == GPTQ
     cross = 1 if (a.cross_always or asymmetric) else 0
@@ -322,14 +325,15 @@ def _calibrate_device(d: ModelDims, T: int, scheme: Scheme, method: Method, asym
     peak, where = 0, ""
     for kind in d.distinct_kinds:  # a hybrid decoder's kinds one after another: the larger peak
         kind_peak, kind_where = _groups_peak(d, kind, T, rows_bytes=(b, f, hb), a8=a8, asymmetric=asymmetric,
-                                             solve=solve, cross=cross, h32=h32, fwd=fwd, a=a)
+                                             solve=solve, cross=cross, h32=h32, fwd=fwd,
+                                             inin_copies=inin_copies)
         if kind_peak > peak:
             peak, where = kind_peak, kind_where
     return peak, where
 
 
 def _groups_peak(d: ModelDims, kind: str | None, T: int, *, rows_bytes: tuple[int, int, int], a8: bool,
-                 asymmetric: bool, solve: bool, cross: int, h32: int, fwd: int, a: Assumptions) -> tuple[int, str]:
+                 asymmetric: bool, solve: bool, cross: int, h32: int, fwd: int, inin_copies: float) -> tuple[int, str]:
     """_calibrate_device's group loop over one layer kind's groups."""
     b, f, hb = rows_bytes
     shapes = d.linear_shapes(kind)
@@ -359,7 +363,7 @@ def _groups_peak(d: ModelDims, kind: str | None, T: int, *, rows_bytes: tuple[in
             # the RTN baseline's error first (up to 8 [out, in] float32 temporaries), then the solve: its
             # [in, in] matrix, W0, W, the weight's float32 copy, the integers, and the lazy update's two
             # [block, in] slices of the factor (measured on shapes from 64 x 2048 to 512 x 256)
-            solve_phase = int(a.solver_inin_copies * inin) + 4 * W + 2 * SolverOptions.block_size * in_f * 4
+            solve_phase = int(inin_copies * inin) + 4 * W + 2 * SolverOptions.block_size * in_f * 4
             gptq = max(8 * W, solve_phase) if solve else 6 * W
             if f == 4:  # a float32 layer: the solver's two float32 copies of the weight are the weight itself
                 gptq -= 2 * W
@@ -476,7 +480,8 @@ def peaks(
         rows.append(("importance backward", {}, dict(base_host), {}, True))
 
     if uses_data:
-        peak, where = _calibrate_device(d, T, scheme, calibration, config.asymmetric_target, a, f)
+        inin_copies = a.solver_inin_copies_cpu if device == "cpu" else a.solver_inin_copies
+        peak, where = _calibrate_device(d, T, scheme, calibration, config.asymmetric_target, a, f, inin_copies)
         fp_path = config.asymmetric_target or not config.exposure  # the modes that keep the FP weights
         dev = {"layer": layer, "layer widened": widened, "weight clone": d.layer_linear_params * f if fp_path else 0,
                f"Hessians + solve ({where})": peak}
@@ -485,7 +490,7 @@ def peaks(
         copies = 5 if fp_path else 3
         host = {**base_host, "sample inputs": sample_inputs, "hidden states": copies * hidden + kwargs,
                 "results": results}
-        if uses_importance:  # gradient_importance returns dL/dh_0 per sample; calibrate_model keeps it
+        if uses_importance and config.quantize_vision:  # dL/dh_0 per sample, kept for the vision pass
             host["decoder-input gradients"] = S * T * H * 4
         if calibration.token_weights == TOKEN:
             host["importances + scores"] = 2 * imp_all
