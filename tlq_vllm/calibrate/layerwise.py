@@ -107,7 +107,8 @@ def quantize_linear(
     clip = DEFAULT_CLIP_RATIOS if options.clip_search else None
     scales = compute_scales(w, scheme, clip_ratios=clip, hessian_diag=diag, scale_dtype=scale_dtype)
     q = quantize(w, scales, scheme)
-    rtn_error = weighted_error(w - dequantize(q, scales, scheme), hessian) if hessian is not None else 0.0
+    # deq - w rather than w - deq: the error is quadratic, and the subtraction then needs no second [out, in]
+    rtn_error = weighted_error(dequantize(q, scales, scheme).sub_(w), hessian) if hessian is not None else 0.0
     rtn = LinearResult(q, scales.float(), rtn_error, rtn_error)
     if hessian is None or options.solver == RTN:
         return rtn

@@ -191,7 +191,8 @@ def dequantize(
     rounded once to dtype: the same value a kernel that multiplies in dtype produces."""
     group = _check_scales(q.shape, scales, scheme)
     out_features, in_features = q.shape
-    w = q.float().reshape(out_features, in_features // group, group) * scales.float().unsqueeze(-1)
+    # integer x float32 promotes to float32 inside the product: one [out, in] tensor, no float copy of q first
+    w = q.reshape(out_features, in_features // group, group) * scales.float().unsqueeze(-1)
     return w.reshape(out_features, in_features).to(dtype)  # [out, in]
 
 
