@@ -298,14 +298,12 @@ def _reversed_cholesky(H: torch.Tensor, damp: float, max_retries: int
     diag = H.diagonal().clone()  # [in]: the undamped diagonal (a failed in-place attempt overwrites it)
     rel = damp
     for attempt in range(max_retries + 1):
+        if in_place and attempt:
+            _restore_lower_from_upper(H)
+        H.diagonal().copy_(diag + rel * mean_diag)
         if in_place:
-            if attempt:
-                _restore_lower_from_upper(H)
-            H.diagonal().copy_(diag + rel * mean_diag)
-            ok = _factor_in_place(H)
-            L = H
+            ok, L = _factor_in_place(H), H
         else:
-            H.diagonal().copy_(diag + rel * mean_diag)
             L, status = torch.linalg.cholesky_ex(H)
             ok = status == 0
         if ok and bool(torch.isfinite(L.diagonal()).all()):
