@@ -246,6 +246,21 @@ def test_dead_inputs_are_zeroed():
     assert (res.qweight[:, [3, 40]] == 0).all()
 
 
+@pytest.mark.parametrize("dead, act_order", [(False, False), (True, False), (False, True)])
+def test_the_callers_float32_weight_is_only_read(dead, act_order):
+    """The solve reads a float32 weight where it lies (no copy) unless it must zero or permute columns:
+    either way the caller's weight keeps its values, and the result is that of a private copy."""
+    w, x = _problem(7)
+    if dead:
+        x[:, [5, 9]] = 0.0
+    H = weighted_hessian(x)
+    original = w.clone()
+    res = gptq_quantize(w, H, W4G16, act_order=act_order)
+    assert torch.equal(w, original)
+    ref = gptq_quantize(original.clone(), H, W4G16, act_order=act_order)
+    assert torch.equal(res.qweight, ref.qweight) and torch.equal(res.scales, ref.scales)
+
+
 @pytest.mark.parametrize("bad", ["negative", "nan"])
 def test_non_positive_definite_H_falls_back_to_rtn(bad):
     w, _ = _problem(8)

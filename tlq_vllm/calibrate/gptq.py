@@ -181,10 +181,15 @@ def gptq_quantize(
     H = hessian.detach().to(weight.device, torch.float32, copy=not consume_hessian)  # [in, in] working matrix
     H_in = None if consume_hessian else hessian  # for a fallback's loss
 
-    W = weight.detach().float().clone()  # [out, in]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
+    # [out, in]. The solve only reads these (W0 below), so a float32 weight with no dead input and no
+    # column permutation is read where it lies: one [out, in] copy fewer (55 MiB at a 2B down_proj).
+    W = weight.detach().float()
+    if act_order or bool(dead.any()):
+        if W.data_ptr() == weight.data_ptr():
+            W = W.clone()
+        W[:, dead] = 0
     diag_H = torch.diag(H)  # [in]: column importance for the clipping search
     importance = diag_H if bool(torch.isfinite(diag_H).all() and (diag_H >= 0).all()) else None
 
@@ -228,7 +233,7 @@ def gptq_quantize(
     # inverse is formed. Blocks of R are read from L reversed (R[a:b, c:e] = L[n-b:n-a, n-e:n-c]).
     n = in_features
     r_diag = L.diagonal().flip(0)  # [in]: R_jj
-    W0 = W  # [out, in], solve order
+    W0 = W  # [out, in], solve order (read only)
     W = W0.clone()  # the columns as the solve updates them
     err_sq = torch.zeros((), dtype=torch.float64, device=W.device)  # ||(w - q s) R_jj||^2, for the loss
     Q = torch.zeros_like(W, dtype=torch.int8)  # [out, in] grid integers (<= 8 bits), in solve order
