@@ -58,6 +58,18 @@ from tlq_vllm.serve.process import ServerProcess, last_line
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_SCHEMES = ("W4A16", "W8A8", "W4A8", "W3A16")
+# "<scheme>+INT8-HEAD" (any case): that scheme's checkpoint served with `--lm-head int8` (the lm_head and
+# embeddings as int8 rows)
+INT8_HEAD = "+INT8-HEAD"
+
+
+def base_scheme(name: str) -> str:
+    return name.removesuffix(INT8_HEAD)
+
+
+def launcher_args(name: str) -> list[str]:
+    """`python -m tlq_vllm.serve` options a checkpoint name asks for."""
+    return ["--lm-head", "int8"] if name.endswith(INT8_HEAD) else []
 TOYVLM = REPO / "tlq_vllm" / "assets" / "toyvlm-easyvqa"
 FALLBACK_MODEL = "fixture:qwen2-vl"
 QUICK = {"schemes": "W4A16", "concurrency": "1", "num_prompts": 4, "output_len": 8, "rounds": 1}
@@ -307,9 +319,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in args.prebuilt:
         if name != BASELINE and name not in schemes:
             schemes.append(name)
-    unknown = [s for s in schemes if s not in ALL_SCHEMES and s not in args.prebuilt]
+    unknown = [s for s in schemes if base_scheme(s) not in ALL_SCHEMES and s not in args.prebuilt]
     if unknown:
         raise BenchError(f"--schemes: unknown {', '.join(unknown)}; choose from {', '.join(ALL_SCHEMES)} "
+                         f"(each also as <scheme>{INT8_HEAD}: served with --lm-head int8) "
                          "or give a path with --checkpoints NAME=PATH")
     if BASELINE in schemes:
         schemes.remove(BASELINE)
@@ -328,8 +341,8 @@ def serve_and_bench(tag: str, rnd: int, name: str, checkpoint: Path, dataset: Pa
     """One server start and every concurrency level against it: (runs, {dtype, kernels} or {failed})."""
     log = work / "logs" / f"server-r{rnd}-{name}.log"
     start = time.time()
-    server = ServerProcess(checkpoint, log=log, vllm_args=args.server_arg_list, timeout=args.startup_timeout,
-                           cwd=REPO)
+    server = ServerProcess(checkpoint, log=log, launcher_args=launcher_args(name), vllm_args=args.server_arg_list,
+                           timeout=args.startup_timeout, cwd=REPO)
     try:
         url = server.__enter__()
     except RuntimeError as err:
@@ -386,7 +399,8 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
             print(f"  {scheme}: prebuilt {checkpoints[scheme]}", flush=True)
             continue
         try:
-            checkpoints[scheme] = ensure_checkpoint(str(baseline), scheme, ckpt_dir, args.method, args.calib_samples,
+            checkpoints[scheme] = ensure_checkpoint(str(baseline), base_scheme(scheme), ckpt_dir, args.method,
+                                                    args.calib_samples,
                                                     args.seed, work / "logs")
         except BenchError as err:
             skipped[scheme] = str(err)

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.serving import BenchError, build_parser, model_size, parse_checkpoints, parse_concurrency, resolve_args
+from benchmarks.serving import (
+    BenchError,
+    base_scheme,
+    build_parser,
+    launcher_args,
+    model_size,
+    parse_checkpoints,
+    parse_concurrency,
+    resolve_args,
+)
 from benchmarks.serving_report import caveats, render_markdown, summary_table
 from benchmarks.serving_results import (
     BASELINE,
@@ -118,6 +127,12 @@ def test_option_parsing_and_one_line_errors(tmp_path):
         resolve("--schemes", "W5A16")
     with pytest.raises(BenchError, match="--rounds"):
         resolve("--rounds", "0")
+    with pytest.raises(BenchError, match="unknown W5A16\\+INT8-HEAD"):
+        resolve("--schemes", "W5A16+int8-head")
+    args = resolve("--schemes", "W4A16,W4A16+int8-head")
+    assert args.scheme_list == ["W4A16", "W4A16+INT8-HEAD"]
+    assert [(base_scheme(n), launcher_args(n)) for n in args.scheme_list] == [
+        ("W4A16", []), ("W4A16", ["--lm-head", "int8"])]
     (tmp_path / "config.json").write_text("{}")
     args = resolve("--quick", "--checkpoints", f"mine={tmp_path}", "--num-prompts", "2")
     assert args.scheme_list == ["W4A16", "mine"]

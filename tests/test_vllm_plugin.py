@@ -142,7 +142,8 @@ def rtn_checkpoint(tmp_path_factory):
 class _Served:
     """One vLLM load of a checkpoint with TLQ_CPU_WNA16_KERNEL set: kernels, log lines, weight bytes, greedy output."""
 
-    def __init__(self, checkpoint, kernel: str, image):
+    def __init__(self, checkpoint, kernel: str, image, env: dict[str, str] | None = None):
+        extra_env = dict(env or {})
         import logging
 
         from vllm import SamplingParams
@@ -166,6 +167,14 @@ class _Served:
                     for _, m in model.named_modules() if type(getattr(m, "scheme", None)).__name__
                     == "TLQPackedWNA16Scheme"]
 
+        def vocab_tables(model):
+            """Per vocabulary table (embeddings, lm_head): its quant method and the bytes it holds itself."""
+            from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+            tables = [m for _, m in model.named_modules() if isinstance(m, VocabParallelEmbedding)]
+            return ([(type(m.quant_method).__name__, sum(p.nbytes for p in m.parameters(recurse=False)))
+                     for m in tables], (tables[0].num_embeddings_padded, tables[0].embedding_dim))
+
         # vLLM applies its logging configuration (a dictConfig, which resets the handlers of loggers under
         # "vllm") when the first engine of a process starts: apply it first, so the handler stays attached.
         configure_logging_if_needed(EngineArgs(model=str(checkpoint)).create_logging_config())
@@ -174,8 +183,11 @@ class _Served:
         try:
             with pytest.MonkeyPatch.context() as env:
                 env.setenv("TLQ_CPU_WNA16_KERNEL", kernel)
+                for key, value in extra_env.items():
+                    env.setenv(key, value)
                 with vllm_engine(checkpoint) as llm:
                     (self.layers,) = llm.apply_model(packed_layers)
+                    ((self.vocab, self.vocab_shape),) = llm.apply_model(vocab_tables)
                     request = [{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
                                                             {"type": "text", "text": "What shape is it?"}]}]
                     greedy = SamplingParams(max_tokens=8, temperature=0, logprobs=2)

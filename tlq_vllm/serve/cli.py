@@ -25,6 +25,7 @@ import yaml
 from tlq_vllm.paths import user_folder
 from tlq_vllm.serve import media_guard
 from tlq_vllm.serve.limits import derive_limits
+from tlq_vllm.vllm_plugin import LM_HEAD_CHOICES, LM_HEAD_ENV, PLUGIN_NAME
 
 PRESET_DIR = user_folder("serve")
 MIDDLEWARE = f"{media_guard.__name__}.{media_guard.MediaURLGuard.__name__}"
@@ -59,6 +60,19 @@ def check_checkpoint(path: str) -> Path:
     if not checkpoint.is_dir() or not (checkpoint / "config.json").is_file():
         raise ServeError(f"checkpoint {checkpoint} is not a model directory (no config.json in it)")
     return checkpoint
+
+
+def check_lm_head(checkpoint: Path, lm_head: str) -> dict[str, str]:
+    """The plugin's environment for --lm-head; int8 needs a TLQ checkpoint (the tlq plugin holds the rows)."""
+    if lm_head == "bf16":
+        return {}
+    import json
+
+    quant = json.loads((checkpoint / "config.json").read_text()).get("quantization_config")
+    if not isinstance(quant, dict) or PLUGIN_NAME not in quant:
+        raise ServeError(f"--lm-head {lm_head} needs a TLQ checkpoint (written by `python -m tlq_vllm.calibrate`, "
+                         f"served by the tlq plugin); {checkpoint} is not one")
+    return {LM_HEAD_ENV: lm_head}
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -155,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-media-domains", nargs="+", metavar="DOMAIN",
                    help="hosts whose http(s) image URLs the server may fetch (default: the preset's, else none: "
                    "images must be sent inline as data: URLs)")
+    p.add_argument("--lm-head", choices=LM_HEAD_CHOICES, default="bf16",
+                   help="int8: hold the lm_head and embeddings as int8 rows, one scale per row, rounded at load "
+                   "(CPU, TLQ checkpoints; README: Serving); default bf16, the model dtype")
     p.add_argument("--dry-run", action="store_true", help="print the vLLM command and exit")
     return p
 
@@ -169,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         preset = load_preset(preset_name)
         given = passthrough_options(extra)
         preset_args, adjustments = derive_limits(checkpoint, preset["args"], given)
+        plugin_env = check_lm_head(checkpoint, args.lm_head)
         if not args.dry_run:
             check_port_free(args.host, args.port)
     except (ServeError, ValueError) as err:
@@ -185,13 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     cmd = vllm_command(checkpoint, args.host, args.port, args.api_key, preset_args, extra)
     local_media = given.get("allowed-local-media-path") or preset_args.get("allowed-local-media-path")
     env = {**os.environ, **{k: str(v) for k, v in preset["env"].items() if k not in os.environ},
-           **media_policy_env(domains, local_media)}
+           **media_policy_env(domains, local_media), **plugin_env}
     url = f"http://{args.host}:{args.port}"
     print(f"tlq serve: {checkpoint} at {url} (preset {preset_name}; ready when GET {url}/health answers 200)")
     example = curl_example(url, str(checkpoint), args.api_key)
     print(f"try it (with an image.png in the current directory):\n{example}", flush=True)
     if args.dry_run:
-        print(shlex.join(cmd))
+        print(shlex.join([f"{k}={v}" for k, v in plugin_env.items()] + cmd))
         return 0
     os.execve(sys.executable, cmd, env)
     return 0  # not reached

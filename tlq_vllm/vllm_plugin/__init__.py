@@ -7,6 +7,10 @@ core, workers) runs `register()`; it is idempotent.
 from __future__ import annotations
 
 PLUGIN_NAME = "tlq"
+# Serve-time options the plugin reads from the environment (set by `python -m tlq_vllm.serve`); stated here,
+# where importing them needs no vLLM.
+LM_HEAD_ENV = "TLQ_LM_HEAD"  # int8_vocab: the lm_head and embeddings as int8 rows on CPU
+LM_HEAD_CHOICES = ("bf16", "int8")  # bf16: the model dtype, as loaded (the default)
 
 
 def register() -> None:

@@ -11,9 +11,11 @@ packed kernel per layer (see packed_wna16):
 - on CPU, symmetric 4- and 8-bit weight-only too: vLLM's CPUWNA16 kernel exists in its AVX-512
   builds only and is 4-bit only; the scheme uses it where it exists and torch's packed int4/int8
   kernels where it does not.
-MoE experts (Qwen3-VL-MoE) go to vLLM's compressed-tensors MoE methods, except on CPUs without AMX,
-where vLLM has no quantized MoE kernel and the experts are dequantized once at load
-(`TLQDequantizedMoEMethod`, a logged last resort).
+With TLQ_LM_HEAD=int8 (`python -m tlq_vllm.serve --lm-head int8`, CPU) the lm_head and the embeddings are
+held as int8 rows (int8_vocab).
+MoE experts (Qwen3-VL-MoE) go to vLLM's compressed-tensors MoE methods, except on CPUs without AMX, where
+vLLM has no quantized MoE kernel and the experts are dequantized once at load (`TLQDequantizedMoEMethod`,
+a logged last resort).
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from typing import Any
 import torch
 from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.platforms import current_platform
 
+from tlq_vllm.vllm_plugin import LM_HEAD_ENV
 from tlq_vllm.vllm_plugin.dequantized_moe import TLQDequantizedMoEMethod, cpu_has_quantized_moe_kernel
+from tlq_vllm.vllm_plugin.int8_vocab import TLQInt8VocabMethod, requested_lm_head
 from tlq_vllm.vllm_plugin.packed_wna16 import (
     TLQPackedWNA16Scheme,
     cpu_has_wna16_gemm,
@@ -65,6 +70,12 @@ class TLQConfig(CompressedTensorsConfig):
         return None
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, VocabParallelEmbedding) and requested_lm_head() == "int8":  # and ParallelLMHead
+            if not current_platform.is_cpu():
+                raise ValueError(f"{LM_HEAD_ENV}=int8 (--lm-head int8) runs on CPU only (torch's "
+                                 "_weight_int8pack_mm); unset it to serve the lm_head in the model dtype")
+            log_kernel_once("lm_head/embedding", TLQInt8VocabMethod.KERNEL)
+            return TLQInt8VocabMethod()
         if isinstance(layer, RoutedExperts) and current_platform.is_cpu() and not cpu_has_quantized_moe_kernel():
             self._add_fused_moe_to_target_scheme_map()
             scheme_dict = self.get_scheme_dict(layer, f"{prefix}.0.{layer.ckpt_gate_proj_name}")
