@@ -19,8 +19,10 @@ Both sides of int4pack_linear's M dispatch run every int4 case (forced with dequ
 kernel, and dequantize-per-call (torch's blocked layout read back in Python, int4pack_dequantize) + F.linear,
 on the whole weight and in tiles of one layout block of rows,
 which rounds W_hat to bf16 exactly as dequantize-once does, so the same tolerances hold (seen <= 4.5e-3
-bf16, 4.8e-4 fp16, 4.1e-7 fp32). The dequantized weight itself must equal q * s rounded to the dtype bit
-for bit, and equal what the kernel multiplies (read back through x = I), zeros included.
+bf16, 4.8e-4 fp16, 4.1e-7 fp32); on CPUs without oneDNN's bf16 GEMM (AVX2) that path multiplies in float32
+instead (W_hat = q * s exact) and rounds y once, within the same tolerances. The dequantized weight itself
+must equal q * s rounded to the dtype bit for bit, and equal what the kernel multiplies (read back through
+x = I), zeros included.
 """
 
 import contextlib
@@ -185,6 +187,21 @@ def test_tiles_give_the_untiled_result():
     whole = _kernel_output(case, q, scales, x, int4_path="dequantize")
     assert torch.equal(_kernel_output(case, q, scales, x, int4_path="dequantize-tiled"), whole)
     assert _rel_err(whole, _reference(q, scales, x)) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["low-precision-gemm", "float32-gemm"])
+def test_dequantize_path_in_either_gemm_dtype(monkeypatch, native):
+    """The dequantize path multiplies in x's dtype where this CPU has oneDNN's bf16 GEMM and in float32 where it
+    has not (AVX2: torch's bf16 GEMM is a scalar loop there); each is forced here, whichever this CPU picks, and
+    both hold the bf16 tolerance against the float64 reference, tiled or not."""
+    monkeypatch.setattr(cpu_wna16, "native_low_precision_gemm", lambda dtype: native)
+    assert cpu_wna16.gemm_dtype(torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
+    case = (4, 96, 384, 128, 17, torch.bfloat16)
+    q, scales, x = _operands(case, seed=5)
+    ref = _reference(q, scales, x)
+    for path in ("dequantize", "dequantize-tiled"):
+        y = _kernel_output(case, q, scales, x, int4_path=path)
+        assert y.dtype == torch.bfloat16 and _rel_err(y, ref) <= TOLERANCE[torch.bfloat16], path
 
 
 def test_dequantized_weight_is_what_the_kernel_multiplies():

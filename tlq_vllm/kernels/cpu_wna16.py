@@ -23,7 +23,8 @@ Large M (prefill). The int4 kernel multiplies in fp32 FMAs on tiles of 4 rows of
 again for every tile, so its cost grows with M at fp32 speed, while the bf16 GEMM (oneDNN, AVX-512 BF16
 dot products) grows about 3x slower. From `INT4_DEQUANTIZE_MIN_M` rows `int4pack_linear` therefore
 unpacks the packed weight to the activation dtype for that call (O(N K), paid once per call and shared by
-its M rows), multiplies with `F.linear` and frees it: the int4 bytes stay the only resident copy.
+its M rows), multiplies with `F.linear` and frees it: the int4 bytes stay the only resident copy. Where torch
+has no fast bf16 GEMM (AVX2-only CPUs, `native_low_precision_gemm`) that product runs in float32 instead.
 `int4pack_dequantize` reads torch's blocked layout, which depends on the CPU capability (see
 `int4pack_layout`), and `int4pack_layout_ok` checks it against the packing op once per process; where
 it does not match, every M runs the int4 kernel. The dispatch is a torch custom op so that vLLM's
@@ -173,24 +174,45 @@ def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     if x.shape[0] < dequantize_from_m or not int4pack_layout_ok():
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
-    rows = dequantize_tile_rows(in_features)
+    compute = gemm_dtype(x.dtype)
+    xc, szc = x.to(compute), scales_and_zeros.to(compute)
+    rows = dequantize_tile_rows(in_features, compute.itemsize)
     if rows >= out_features:
-        return F.linear(x, int4pack_dequantize(packed, scales_and_zeros, group_size).T)
+        return F.linear(xc, int4pack_dequantize(packed, szc, group_size).T).to(x.dtype)
     y = x.new_empty(x.shape[0], out_features)
     for start in range(0, out_features, rows):  # tiles of whole blocks: each tile's layout is the same layout
         end = min(out_features, start + rows)
-        weight_t = int4pack_dequantize(packed[start:end], scales_and_zeros[:, start:end], group_size)  # [K, rows]
-        y[:, start:end] = F.linear(x, weight_t.T)
+        weight_t = int4pack_dequantize(packed[start:end], szc[:, start:end], group_size)  # [K, rows]
+        y[:, start:end] = F.linear(xc, weight_t.T)  # rounded to x's dtype as it is written
     return y
 
 
-def dequantize_tile_rows(in_features: int) -> int:
+@functools.cache
+def native_low_precision_gemm(dtype: torch.dtype) -> bool:
+    """Whether torch's bf16 / fp16 GEMM runs oneDNN's kernels on this CPU (AVX-512 and up). On AVX2-only CPUs it
+    does not, and falls back to a scalar loop: measured 2026-12-03, AMD EPYC AVX2, 1 thread, Qwen2-VL-2B's
+    gate_up (17920 x 1536) at M = 128: dequantize + bf16 GEMM 8.5 s, the int4 kernel 0.28 s, dequantize + fp32
+    GEMM 0.18 s (at M = 512: 31 s, 0.99 s, 0.59 s)."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype int4pack_mm's dequantize path multiplies in: x's own, or float32 where this CPU has no fast
+    GEMM for it (the weight is then dequantized to float32, exact q * s, and y rounded to x's dtype once)."""
+    return dtype if native_low_precision_gemm(dtype) else torch.float32
+
+
+def dequantize_tile_rows(in_features: int, itemsize: int = 2) -> int:
     """Rows of W dequantized at a time by int4pack_mm: whole layout blocks whose temporaries (uint8 nibbles and
-    the bf16 weight, 3 bytes a parameter) fit DEQUANTIZE_TILE_BYTES, so they are still in cache when the GEMM
-    reads them (one 17920 x 1536 weight at once measured 2-3x slower to dequantize than in tiles of 1792 rows,
-    1 thread, AMD EPYC)."""
+    the dequantized weight, 1 + itemsize bytes a parameter) fit DEQUANTIZE_TILE_BYTES, so they are still in cache
+    when the GEMM reads them (one 17920 x 1536 weight at once measured 2-3x slower to dequantize than in tiles of
+    1792 rows, 1 thread, AMD EPYC)."""
     block_n = (int4pack_layout() or (64, True))[0]
-    return max(block_n, DEQUANTIZE_TILE_BYTES // (3 * in_features) // block_n * block_n)
+    return max(block_n, DEQUANTIZE_TILE_BYTES // ((1 + itemsize) * in_features) // block_n * block_n)
 
 
 @int4pack_mm.register_fake
