@@ -117,6 +117,8 @@ KERNEL_NOTES: dict[str, str] = {
     "TLQ Triton W3A16": "the tlq plugin's Triton W3A16 kernel",
     "CPUWNA16LinearKernel": "vLLM's packed 4-bit weight-only GEMM (CPUWNA16LinearKernel, `cpu_gemm_wna16`)",
     "_weight_int4pack_mm_for_cpu": "torch's packed int4 weight-only CPU GEMM (`_weight_int4pack_mm_for_cpu`)",
+    "_weight_int8pack_mm for the lm_head": "the tlq plugin's int8 lm_head and embeddings (`--lm-head int8`: "
+                                           "`_weight_int8pack_mm`, one scale per vocabulary row)",
     "_weight_int8pack_mm": "torch's int8 weight-only CPU GEMM (`_weight_int8pack_mm`)",
     "CPUInt8ScaledMMLinearKernel": "vLLM's CPU int8 kernel (CPUInt8ScaledMMLinearKernel, dynamic per-token int8 "
                                    "activations)",

@@ -74,7 +74,7 @@ class TLQConfig(CompressedTensorsConfig):
             if not current_platform.is_cpu():
                 raise ValueError(f"{LM_HEAD_ENV}=int8 (--lm-head int8) runs on CPU only (torch's "
                                  "_weight_int8pack_mm); unset it to serve the lm_head in the model dtype")
-            log_kernel_once("lm_head/embedding", TLQInt8VocabMethod.KERNEL)
+            log_kernel_once("vocabulary", TLQInt8VocabMethod.KERNEL)
             return TLQInt8VocabMethod()
         if isinstance(layer, RoutedExperts) and current_platform.is_cpu() and not cpu_has_quantized_moe_kernel():
             self._add_fused_moe_to_target_scheme_map()

@@ -64,7 +64,9 @@ def int8_rows_lookup(ids: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -
 class TLQInt8VocabMethod(QuantizeMethodBase):
     """A vocabulary table (VocabParallelEmbedding or ParallelLMHead) held as int8 rows + row scales."""
 
-    KERNEL = "torch _weight_int8pack_mm (int8, one scale per vocabulary row; rounded to nearest at load)"
+    # the log line: "tlq: vocabulary layers use " + KERNEL
+    KERNEL = ("torch _weight_int8pack_mm for the lm_head, int8 rows for the embeddings (one scale per vocabulary "
+              "row, rounded to nearest at load)")
 
     def __init__(self):
         self.tied_to: torch.nn.Module | None = None  # an lm_head tied to the embeddings reads their int8 rows

@@ -142,6 +142,7 @@ class TLQPackedWNA16Scheme(CompressedTensorsScheme):
         self.pack_factor = 32 // num_bits  # values per int32 word, as compressed-tensors packs them
         self.kernel: str | None = None  # "triton" or one of CPU_KERNELS, chosen in create_weights
         self.vllm_kernel = None  # vLLM's CPUWNA16LinearKernel when kernel == "vllm"
+        self.prefill_gemm = "bf16"  # the GEMM of torch-int4's dequantize path (cpu_wna16.gemm_dtype), as logged
 
     @classmethod
     def get_min_capability(cls) -> int:
@@ -159,7 +160,8 @@ class TLQPackedWNA16Scheme(CompressedTensorsScheme):
             "triton": "TLQ Triton W3A16 kernel",
             "vllm": f"vLLM CPUWNA16LinearKernel{repacked}",
             "torch-int4": f"torch _weight_int4pack_mm_for_cpu{repacked} below "
-                          f"{cpu_wna16.INT4_DEQUANTIZE_MIN_M} rows, from there dequantized per call + bf16 GEMM",
+                          f"{cpu_wna16.INT4_DEQUANTIZE_MIN_M} rows, from there dequantized per call + "
+                          f"{self.prefill_gemm} GEMM",
             "torch-int8": "torch _weight_int8pack_mm (per-channel int8)",
             "dequantize": f"TLQ dequantize-once W{self.num_bits}A16 (CPU): bf16 weights, plain GEMM",
         }[self.kernel]
@@ -209,6 +211,7 @@ class TLQPackedWNA16Scheme(CompressedTensorsScheme):
         reasons = unsupported_reasons(self.num_bits, self.group_size, in_features, out_features, vllm_config)
         requested = requested_cpu_kernel()
         self.kernel = choose_cpu_kernel(reasons, requested, auto_kernel_order(torch.cpu._is_amx_tile_supported()))
+        self.prefill_gemm = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(cpu_wna16.gemm_dtype(dtype), "float32")
         if self.kernel == "vllm":
             from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
 
