@@ -61,19 +61,20 @@ ALL_SCHEMES = ("W4A16", "W8A8", "W4A8", "W3A16")
 # "<scheme>+INT8-HEAD" (any case): that scheme's checkpoint served with `--lm-head int8` (the lm_head and
 # embeddings as int8 rows)
 INT8_HEAD = "+INT8-HEAD"
+TOYVLM = REPO / "tlq_vllm" / "assets" / "toyvlm-easyvqa"
+FALLBACK_MODEL = "fixture:qwen2-vl"
+QUICK = {"schemes": "W4A16", "concurrency": "1", "num_prompts": 4, "output_len": 8, "rounds": 1}
+FULL = {"schemes": ",".join(ALL_SCHEMES), "concurrency": "1,4", "num_prompts": 32, "output_len": 64, "rounds": 3}
 
 
 def base_scheme(name: str) -> str:
+    """The scheme whose checkpoint a benchmark name serves (W4A16+INT8-HEAD -> W4A16)."""
     return name.removesuffix(INT8_HEAD)
 
 
 def launcher_args(name: str) -> list[str]:
     """`python -m tlq_vllm.serve` options a checkpoint name asks for."""
     return ["--lm-head", "int8"] if name.endswith(INT8_HEAD) else []
-TOYVLM = REPO / "tlq_vllm" / "assets" / "toyvlm-easyvqa"
-FALLBACK_MODEL = "fixture:qwen2-vl"
-QUICK = {"schemes": "W4A16", "concurrency": "1", "num_prompts": 4, "output_len": 8, "rounds": 1}
-FULL = {"schemes": ",".join(ALL_SCHEMES), "concurrency": "1,4", "num_prompts": 32, "output_len": 64, "rounds": 3}
 
 
 class BenchError(ValueError):
@@ -400,8 +401,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
             continue
         try:
             checkpoints[scheme] = ensure_checkpoint(str(baseline), base_scheme(scheme), ckpt_dir, args.method,
-                                                    args.calib_samples,
-                                                    args.seed, work / "logs")
+                                                    args.calib_samples, args.seed, work / "logs")
         except BenchError as err:
             skipped[scheme] = str(err)
             print(f"  {scheme}: SKIPPED, {err}", flush=True)

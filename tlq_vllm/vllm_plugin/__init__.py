@@ -6,11 +6,22 @@ core, workers) runs `register()`; it is idempotent.
 
 from __future__ import annotations
 
+import os
+
 PLUGIN_NAME = "tlq"
 # Serve-time options the plugin reads from the environment (set by `python -m tlq_vllm.serve`); stated here,
 # where importing them needs no vLLM.
 LM_HEAD_ENV = "TLQ_LM_HEAD"  # int8_vocab: the lm_head and embeddings as int8 rows on CPU
 LM_HEAD_CHOICES = ("bf16", "int8")  # bf16: the model dtype, as loaded (the default)
+
+
+def env_choice(name: str, default: str, choices: tuple[str, ...], advice: str) -> str:
+    """Environment option `name`, lower-cased (unset or empty: default); a value that is neither the default nor
+    one of choices is a ValueError "NAME='value': <advice>"."""
+    value = os.environ.get(name, default).strip().lower() or default
+    if value != default and value not in choices:
+        raise ValueError(f"{name}={value!r}: {advice}")
+    return value
 
 
 def register() -> None:

@@ -19,8 +19,6 @@ logits within about 1% of their spread, and the option stays off by default.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
@@ -29,7 +27,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbed
 from tlq_vllm.calibrate.quantizer import compute_scales, quantize
 from tlq_vllm.calibrate.schemes import Scheme
 from tlq_vllm.kernels import cpu_wna16
-from tlq_vllm.vllm_plugin import LM_HEAD_CHOICES, LM_HEAD_ENV
+from tlq_vllm.vllm_plugin import LM_HEAD_CHOICES, LM_HEAD_ENV, env_choice
 
 ROW_SCHEME = Scheme("vocab-int8-rows", weight_bits=8, group_size=None)
 QUANTIZE_ROWS = 8192  # rows rounded at a time at load: float32 temporaries of 8192 x hidden, not of the table
@@ -37,10 +35,7 @@ QUANTIZE_ROWS = 8192  # rows rounded at a time at load: float32 temporaries of 8
 
 def requested_lm_head() -> str:
     """TLQ_LM_HEAD, checked: "bf16" (unset) or "int8"."""
-    value = os.environ.get(LM_HEAD_ENV, "bf16").strip().lower() or "bf16"
-    if value not in LM_HEAD_CHOICES:
-        raise ValueError(f"{LM_HEAD_ENV}={value!r}: choose one of {', '.join(LM_HEAD_CHOICES)}")
-    return value
+    return env_choice(LM_HEAD_ENV, "bf16", LM_HEAD_CHOICES, f"choose one of {', '.join(LM_HEAD_CHOICES)}")
 
 
 def quantize_rows_int8(weight: torch.Tensor, rows: int = QUANTIZE_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +76,7 @@ class TLQInt8VocabMethod(QuantizeMethodBase):
         return layer
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        table = self.tied_to if self.tied_to is not None else layer
+        table = self._table(layer)
         if not hasattr(table, "weight_int8"):  # the first of two tied modules to be processed rounds the rows
             q, scales = quantize_rows_int8(table.weight.data)
             table.weight_int8 = torch.nn.Parameter(q, requires_grad=False)  # [V, H] int8

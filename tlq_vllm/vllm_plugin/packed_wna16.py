@@ -28,7 +28,6 @@ the checkpoint's words are repacked for it only in `process_weights_after_loadin
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 
 import torch
@@ -44,6 +43,7 @@ from vllm.model_executor.parameter import (
 from vllm.platforms import current_platform
 
 from tlq_vllm.kernels import cpu_wna16
+from tlq_vllm.vllm_plugin import env_choice
 
 logger = init_logger("vllm.tlq")  # under "vllm", whose handlers vLLM configures
 
@@ -67,10 +67,7 @@ def forget_logged_kernels() -> None:
 
 def requested_cpu_kernel() -> str:
     """`TLQ_CPU_WNA16_KERNEL` (default "auto"), checked against the kernels there are."""
-    value = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
-    if value != "auto" and value not in CPU_KERNELS:
-        raise ValueError(f"{KERNEL_ENV}={value!r}: choose auto or one of {', '.join(CPU_KERNELS)}")
-    return value
+    return env_choice(KERNEL_ENV, "auto", CPU_KERNELS, f"choose auto or one of {', '.join(CPU_KERNELS)}")
 
 
 def cpu_has_wna16_gemm() -> bool:
