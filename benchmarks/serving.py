@@ -46,6 +46,7 @@ from benchmarks.serving_report import fmt, plot_results, render_markdown, summar
 from benchmarks.serving_results import (
     BASELINE,
     median_metrics,
+    memory_summary,
     ok_runs,
     parse_bench_result,
     ratio_summary,
@@ -235,6 +236,25 @@ def run_vllm_bench(argv: list[str], log: Path) -> dict:
     return json.loads((Path(ns.result_dir) / ns.result_filename).read_text())
 
 
+def server_memory(pid: int) -> dict:
+    """What a started server holds in memory: the PSS (each shared page divided among the processes that map
+    it, so that the launcher, the API server and the engine core add up) and the USS of the process `pid` and
+    all its descendants, in bytes. vLLM's CPU worker does not log its model's memory (its CUDA worker's
+    "Model loading took ..." line), so the benchmark reads the kernel's accounting instead, once the server
+    answers /health: weights, the KV cache (VLLM_CPU_KVCACHE_SPACE), the Python runtime and libraries."""
+    import psutil
+
+    root = psutil.Process(pid)
+    pss = uss = count = 0
+    for proc in (root, *root.children(recursive=True)):
+        try:
+            info = proc.memory_full_info()
+        except psutil.NoSuchProcess:  # a helper that exited meanwhile holds nothing
+            continue
+        pss, uss, count = pss + info.pss, uss + info.uss, count + 1
+    return {"pss_bytes": pss, "uss_bytes": uss, "processes": count}
+
+
 def served_dtype(log: Path) -> str | None:
     """The dtype vLLM reports in its engine config line."""
     with contextlib.suppress(OSError):
@@ -354,7 +374,10 @@ def serve_and_bench(tag: str, rnd: int, name: str, checkpoint: Path, dataset: Pa
     runs = []
     try:
         print(f"{tag}: server up in {server.startup_s:.0f} s", flush=True)
-        info = {"dtype": served_dtype(log) or "?", "kernels": served_kernels(log.read_text(errors="replace"))}
+        info = {"dtype": served_dtype(log) or "?", "kernels": served_kernels(log.read_text(errors="replace")),
+                "memory": {"round": rnd, **server_memory(server.proc.pid)}}
+        print(f"{tag}: server holds {info['memory']['pss_bytes'] / 2**20:.0f} MiB (PSS of "
+              f"{info['memory']['processes']} processes)", flush=True)
         for conc in args.concurrency_levels:
             result_file = f"r{rnd}-{name}-c{conc}.json"
             argv_bench = bench_argv(url, str(checkpoint), dataset, conc, args, work / "raw", result_file)
@@ -412,6 +435,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
     runs: list[dict] = []
     dtypes: dict[str, str] = {}
     kernels: dict[str, list[str]] = {}
+    memory: dict[str, list[dict]] = {}
     print(f"\n{len(order)} server starts x {len(args.concurrency_levels)} concurrency level(s), "
           f"{args.num_prompts} requests each", flush=True)
     interrupted: BaseException | None = None
@@ -427,6 +451,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
             else:
                 dtypes.setdefault(name, info["dtype"])
                 kernels.setdefault(name, info["kernels"])
+                memory.setdefault(name, []).append(info["memory"])
     except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C / SIGTERM: servers are stopped; keep what ran
         interrupted = err
         print("\ninterrupted: writing the results of the finished runs", file=sys.stderr, flush=True)
@@ -443,7 +468,8 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
             "calib_samples": args.calib_samples,
             "schemes": args.scheme_list, "concurrency": args.concurrency_levels, "request_rate": args.request_rate,
             "num_prompts": args.num_prompts, "output_len": args.output_len, "rounds": args.rounds, "seed": args.seed,
-            "server_args": args.server_arg_list, "dataset": "easy-vqa test questions + images (custom_image JSONL)",
+            "server_args": args.server_arg_list, "kv_cache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
+            "dataset": "easy-vqa test questions + images (custom_image JSONL)",
             "load_generator": "vllm bench serve (vllm.benchmarks.serve.main), backend openai-chat",
         },
         "baseline": BASELINE,
@@ -452,6 +478,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
         "checkpoint_weight_bytes": checkpoint_bytes,
         "served_dtype": dtypes,
         "served_kernels": kernels,
+        "server_memory": memory,
         "skipped": skipped,
         "runs": runs,
         "interrupted": interrupted is not None,
@@ -460,6 +487,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict:
     report["medians"] = {n: {str(c): v for c, v in per.items()} for n, per in median_metrics(runs).items()}
     report["ratios"] = {n: {str(c): v for c, v in per.items()} for n, per in ratio_summary(runs).items()}
     report["ratio_values"] = {n: {str(c): v for c, v in per.items()} for n, per in round_ratios(runs).items()}
+    report["memory"] = memory_summary(memory, checkpoint_bytes)
     try:
         report["plots"] = plot_results(report, results_dir)
     except Exception as err:  # plots are a convenience; the numbers are written regardless

@@ -119,6 +119,33 @@ def caveats(report: dict) -> str:
     ])
 
 
+def memory_lines(report: dict) -> list[str]:
+    """The section on what each server held once started (serving_results.memory_summary); a sentence where
+    the run did not record it."""
+    summary, base = report.get("memory"), report["baseline"]
+    if not summary:
+        return ["Memory: not recorded in this run (it predates the measurement, or the baseline did not start)."]
+
+    def mib(value: int | None) -> str:
+        return "-" if value is None else f"{value / 2**20:.0f}"
+
+    rows = [[name, mib(r["pss_bytes"]), f"{r['pss_vs_baseline']:.2f}", mib(r["saved_bytes"]),
+             mib(r["checkpoint_bytes"]), mib(r["checkpoint_saved_bytes"])] for name, r in summary.items()]
+    kv = report["config"].get("kv_cache_space_gib")
+    return [
+        "## Memory of each server once started",
+        "",
+        "PSS of the server's processes (API server, engine core, worker; shared pages divided among them) when "
+        "it first answered /health, before any request, median over its server starts; "
+        + (f"every server has a {kv} GiB KV cache" if kv else "the KV cache size was not recorded")
+        + f". Saved: {base}'s PSS less this one, beside what the checkpoint's tensors save.",
+        "",
+        *markdown_table(["checkpoint", "server PSS MiB", f"vs {base}", f"saved vs {base} MiB",
+                         "checkpoint weights MiB", "checkpoint saves MiB"], rows,
+                        align=["---"] + ["---:"] * 5).split("\n"),
+    ]
+
+
 def render_markdown(report: dict) -> str:
     """SERVING.md from the report dict that is also written as serving.json."""
     cfg, machine = report["config"], report["machine"]
@@ -153,6 +180,8 @@ def render_markdown(report: dict) -> str:
         "Throughput ratios above 1 and latency ratios below 1 favour the quantized checkpoint.",
         "",
         *_checkpoint_table(report["ratios"], names, RATIO_COLUMNS, fmt_ratio),
+        "",
+        *memory_lines(report),
     ]
     if report.get("interrupted"):
         lines += ["", "**This run was interrupted**: only the runs listed in serving.json finished."]
@@ -195,6 +224,9 @@ def summary_table(report: dict) -> str:
             )
     for name, reason in report["skipped"].items():
         rows.append(f"{name:<12} skipped: {reason}")
+    for name, r in (report.get("memory") or {}).items():
+        rows.append(f"{name:<12} server memory {r['pss_bytes'] / 2**20:.0f} MiB ({r['pss_vs_baseline']:.2f}x "
+                    f"{report['baseline']}, {r['saved_bytes'] / 2**20:.0f} MiB saved)")
     return "\n".join(rows)
 
 

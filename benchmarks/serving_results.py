@@ -102,6 +102,28 @@ def median_metrics(runs: list[dict]) -> dict:
     }
 
 
+def memory_summary(memory: dict[str, list[dict]], weight_bytes: dict[str, int], baseline: str = BASELINE) -> dict:
+    """{checkpoint: its servers' median PSS (one server per round), that over the baseline's, the memory it
+    saves against the baseline's server, and its checkpoint's weight bytes and what they save}; {} without a
+    baseline server's memory.
+
+    Only differences of whole servers are reported, no "resident weights": what a server holds besides its
+    checkpoint's tensors depends on the kernels it picks (vLLM's CPU BF16 path gives oneDNN its own packed
+    copy of a weight, and keeps the tied vocabulary table besides), so no server's PSS less its checkpoint's
+    bytes is a runtime cost common to all of them."""
+    if not memory.get(baseline):
+        return {}
+    pss = {name: statistics.median(m["pss_bytes"] for m in measured) for name, measured in memory.items() if measured}
+    base_weights = weight_bytes.get(baseline)
+    return {
+        name: {"pss_bytes": value, "pss_vs_baseline": value / pss[baseline], "servers": len(memory[name]),
+               "saved_bytes": pss[baseline] - value, "checkpoint_bytes": weight_bytes.get(name),
+               "checkpoint_saved_bytes": (None if base_weights is None or name not in weight_bytes
+                                          else base_weights - weight_bytes[name])}
+        for name, value in pss.items()
+    }
+
+
 # The log lines in which vLLM and the tlq plugin (tlq_vllm/vllm_plugin/config.py) name a linear kernel, each
 # with the group that holds the kernel's name.
 KERNEL_PATTERNS = (

@@ -18,12 +18,14 @@ from benchmarks.serving import (
     parse_checkpoints,
     parse_concurrency,
     resolve_args,
+    server_memory,
 )
-from benchmarks.serving_report import caveats, render_markdown, summary_table
+from benchmarks.serving_report import caveats, memory_lines, render_markdown, summary_table
 from benchmarks.serving_results import (
     BASELINE,
     kernel_names,
     median_metrics,
+    memory_summary,
     parse_bench_result,
     ratio_stats,
     ratio_summary,
@@ -248,6 +250,47 @@ def test_model_size_from_safetensors_headers(tmp_path):
     assert model_size({BASELINE: tmp_path}) == (None, {})  # no safetensors: not recorded, not guessed
 
 
+MIB = 2**20
+
+
+def test_memory_summary_hand_computed():
+    """A BF16 server of 5000 MiB and W4A16 servers of 3000 and 3200 MiB (two starts): W4A16 holds 3100 MiB,
+    0.62x, and saves 1900 MiB; its checkpoint saves 2800 MiB."""
+    memory = {BASELINE: [{"pss_bytes": 5000 * MIB}], "W4A16": [{"pss_bytes": 3000 * MIB}, {"pss_bytes": 3200 * MIB}]}
+    weights = {BASELINE: 4000 * MIB, "W4A16": 1200 * MIB}
+    got = memory_summary(memory, weights)
+    assert got[BASELINE] == {"pss_bytes": 5000 * MIB, "pss_vs_baseline": 1.0, "servers": 1, "saved_bytes": 0,
+                             "checkpoint_bytes": 4000 * MIB, "checkpoint_saved_bytes": 0}
+    assert got["W4A16"] == {"pss_bytes": 3100 * MIB, "pss_vs_baseline": 0.62, "servers": 2, "saved_bytes": 1900 * MIB,
+                            "checkpoint_bytes": 1200 * MIB, "checkpoint_saved_bytes": 2800 * MIB}
+    assert memory_summary({"W4A16": memory["W4A16"]}, weights) == {}  # no baseline server: no ratios
+    assert memory_summary(memory, {})["W4A16"]["checkpoint_saved_bytes"] is None
+    lines = "\n".join(memory_lines({"baseline": BASELINE, "config": {"kv_cache_space_gib": "1"}, "memory": got}))
+    assert "every server has a 1 GiB KV cache" in lines
+    assert "| W4A16 | 3100 | 0.62 | 1900 | 1200 | 2800 |" in lines
+    assert memory_lines({"baseline": BASELINE, "config": {}})[0].startswith("Memory: not recorded")
+
+
+def test_server_memory_adds_up_a_process_tree():
+    """A process holding 64 MiB of its own pages with a child holding 96 MiB: server_memory of the parent
+    counts both processes and at least those pages (PSS and USS; the interpreters add the rest)."""
+    script = ("import subprocess, sys, time\n"
+              "own = bytearray(64 << 20)\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import sys, time; b = bytearray(96 << 20); "
+              "print(1, flush=True); time.sleep(60)'], stdout=subprocess.PIPE)\n"
+              "child.stdout.readline(); print(1, flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == b"1"
+        got = server_memory(proc.pid)
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    assert got["processes"] == 2
+    assert got["uss_bytes"] >= 160 * MIB and got["pss_bytes"] >= got["uss_bytes"]
+    assert got["pss_bytes"] < 160 * MIB + 2 * 200 * MIB  # two interpreters hold far less than 200 MiB each
+
+
 def test_report_only_rerenders_the_recorded_run(tmp_path):
     """`python -m benchmarks.serving --report-only` (docs/serving-benchmark.md): SERVING.md again from the
     committed serving.json, which predates recording the model size: the prose says so."""
@@ -296,6 +339,10 @@ def test_quick_run_end_to_end(tmp_path):
     assert report["ratios"]["W4A16"]["1"]["output_tok_s"]["n"] == 1
     assert report["medians"][BASELINE]["1"]["ttft_p99_ms"]["median"] > 0
     # the kernel the W4A16 server logged: the plugin's choice on this CPU (packed int4, vLLM's, or dequantize-once)
+    for name in (BASELINE, "W4A16"):  # each server's memory, read once it answered /health
+        assert report["server_memory"][name][0]["processes"] >= 2 and report["server_memory"][name][0]["round"] == 1
+        assert report["memory"][name]["pss_bytes"] > report["checkpoint_weight_bytes"][name]
+    assert report["memory"][BASELINE]["saved_bytes"] == 0
     served = " ".join(report["served_kernels"]["W4A16"])
     assert any(k in served for k in ("_weight_int4pack_mm_for_cpu", "CPUWNA16LinearKernel", "dequantize-once")), served
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
+from tlq_vllm.calibrate.hostmem import release_free_heap
 from tlq_vllm.calibrate.quantizer import compute_scales, quantize
 from tlq_vllm.calibrate.schemes import Scheme
 from tlq_vllm.kernels import cpu_wna16
@@ -86,6 +87,7 @@ class TLQInt8VocabMethod(QuantizeMethodBase):
         for module in {id(layer): layer, id(table): table}.values():
             module.weight = torch.nn.Parameter(torch.empty(0, dtype=module.weight.dtype, device=module.weight.device),
                                                requires_grad=False)
+        release_free_heap()  # quantize_rows_int8's float32 blocks, freed between the int8 rows that stay
 
     def _table(self, layer) -> torch.nn.Module:
         return self.tied_to if self.tied_to is not None else layer

@@ -42,6 +42,7 @@ from vllm.model_executor.parameter import (
 )
 from vllm.platforms import current_platform
 
+from tlq_vllm.calibrate.hostmem import release_free_heap
 from tlq_vllm.kernels import cpu_wna16
 from tlq_vllm.vllm_plugin import env_choice
 
@@ -224,6 +225,14 @@ class TLQPackedWNA16Scheme(CompressedTensorsScheme):
         log_kernel_once(self.label, self.kernel_name(), detail)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self._repack(layer)
+        # The repack's temporaries ([out, in] integers, tens of MiB at 2B width) are freed between the packed
+        # weights that stay, where glibc keeps their pages: measured at Qwen2-VL-2B width (AMD EPYC AVX-512,
+        # 2026-12-04), a W4A16 server held 415 MiB more without this.
+        release_free_heap()
+
+    def _repack(self, layer: torch.nn.Module) -> None:
+        """The checkpoint's words -> what self.kernel reads; the checkpoint's tensors are released."""
         packed = layer.weight_packed.data  # [out, ceil(in / pack_factor)] int32
         scales = layer.weight_scale.data  # [out, in / group]
         in_features, dtype = layer.input_size_per_partition, layer.params_dtype
