@@ -168,12 +168,14 @@ class _Served:
                     == "TLQPackedWNA16Scheme"]
 
         def vocab_tables(model):
-            """Per vocabulary table (embeddings, lm_head): its quant method and the bytes it holds itself."""
+            """Per vocabulary table (embeddings, lm_head): its quant method, the bytes it holds itself, and whether
+            vLLM's CPU GEMM dispatch gave it a handle (`cpu_linear`: on oneDNN CPUs a packed copy of the table)."""
             from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
             tables = [m for _, m in model.named_modules() if isinstance(m, VocabParallelEmbedding)]
-            return ([(type(m.quant_method).__name__, sum(p.nbytes for p in m.parameters(recurse=False)))
-                     for m in tables], (tables[0].num_embeddings_padded, tables[0].embedding_dim))
+            return ([(type(m.quant_method).__name__, sum(p.nbytes for p in m.parameters(recurse=False)),
+                      hasattr(m, "cpu_linear")) for m in tables],
+                    (tables[0].num_embeddings_padded, tables[0].embedding_dim))
 
         # vLLM applies its logging configuration (a dictConfig, which resets the handlers of loggers under
         # "vllm") when the first engine of a process starts: apply it first, so the handler stays attached.

@@ -12,7 +12,8 @@ packed kernel per layer (see packed_wna16):
   builds only and is 4-bit only; the scheme uses it where it exists and torch's packed int4/int8
   kernels where it does not.
 With TLQ_LM_HEAD=int8 (`python -m tlq_vllm.serve --lm-head int8`, CPU) the lm_head and the embeddings are
-held as int8 rows (int8_vocab).
+held as int8 rows (int8_vocab); otherwise, on CPU, the input embeddings are held without the GEMM copy vLLM
+would give them (lookup_embedding).
 MoE experts (Qwen3-VL-MoE) go to vLLM's compressed-tensors MoE methods, except on CPUs without AMX, where
 vLLM has no quantized MoE kernel and the experts are dequantized once at load (`TLQDequantizedMoEMethod`,
 a logged last resort).
@@ -25,12 +26,13 @@ from typing import Any
 import torch
 from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
-from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.platforms import current_platform
 
 from tlq_vllm.vllm_plugin import LM_HEAD_ENV
 from tlq_vllm.vllm_plugin.dequantized_moe import TLQDequantizedMoEMethod, cpu_has_quantized_moe_kernel
 from tlq_vllm.vllm_plugin.int8_vocab import TLQInt8VocabMethod, requested_lm_head
+from tlq_vllm.vllm_plugin.lookup_embedding import LookupOnlyEmbeddingMethod
 from tlq_vllm.vllm_plugin.packed_wna16 import (
     TLQPackedWNA16Scheme,
     cpu_has_wna16_gemm,
@@ -76,6 +78,10 @@ class TLQConfig(CompressedTensorsConfig):
                                  "_weight_int8pack_mm); unset it to serve the lm_head in the model dtype")
             log_kernel_once("vocabulary", TLQInt8VocabMethod.KERNEL)
             return TLQInt8VocabMethod()
+        if isinstance(layer, VocabParallelEmbedding) and not isinstance(layer, ParallelLMHead) \
+                and current_platform.is_cpu():
+            method = super().get_quant_method(layer, prefix)  # quantized embeddings stay vLLM's
+            return LookupOnlyEmbeddingMethod() if method is None else method
         if isinstance(layer, RoutedExperts) and current_platform.is_cpu() and not cpu_has_quantized_moe_kernel():
             self._add_fused_moe_to_target_scheme_map()
             scheme_dict = self.get_scheme_dict(layer, f"{prefix}.0.{layer.ckpt_gate_proj_name}")
