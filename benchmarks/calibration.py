@@ -10,7 +10,8 @@ What it runs, one after another on one machine (never two at once, so they do no
 3. each method as a child process (`python -m tlq_vllm.calibrate ... --log-json`), the peer as
    `.venv-llmc/bin/python benchmarks/peers/llmcompressor_gptq.py` (skipped, with the reason recorded,
    where its venv is missing). Wall time is the child's; peak host RSS is the child's own maximum
-   resident set (os.wait4's ru_maxrss); stage times come from the calibrator's JSON log events;
+   resident set (os.wait4's ru_maxrss, taken from a small interpreter that
+   starts it: see RUSAGE_REPORTER); stage times come from the calibrator's JSON log events;
 4. the planner's predicted host peak (`--plan` for the same options) beside each measured one.
 Ratios to llm-compressor are from this one run. Results: calibration.json, CALIBRATION.md and
 calibration.png in --results-dir (benchmarks/calibration_report.py renders them from the JSON alone).
@@ -120,16 +121,31 @@ def peer_command(model: Path, data: Path, args, output: Path) -> list[str]:
             "--scheme", args.scheme, "--seed", str(args.seed), "--output", str(output), "--overwrite"]
 
 
+# Starts argv[2:] and writes its exit code and ru_maxrss (KiB) to the file argv[1]. Linux seeds a process's
+# ru_maxrss, at exec, with the peak RSS of the memory it replaces: a child spawned straight from this
+# process would report this process's peak (e.g. the fixture model it built) as its own wherever that is
+# larger. Spawned from this small interpreter instead, the command's figure is its own.
+RUSAGE_REPORTER = ("import os, sys; pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ); "
+                   "_, status, usage = os.wait4(pid, 0); "
+                   "open(sys.argv[1], 'w').write(f'{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}')")
+
+
 def run_child(cmd: list[str], log: Path) -> dict:
-    """Runs cmd to completion; its exit code, wall seconds and own peak RSS (MiB, from wait4)."""
+    """Runs cmd to completion; its exit code, wall seconds and own peak RSS (MiB, wait4's ru_maxrss, taken
+    through RUSAGE_REPORTER)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    report = log.with_name(log.name + ".rusage")
+    report.unlink(missing_ok=True)
     with log.open("w") as f:
         start = time.time()
-        child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
+        subprocess.run([sys.executable, "-c", RUSAGE_REPORTER, str(report), *cmd], stdout=f,
+                       stderr=subprocess.STDOUT, cwd=REPO, env=env)
         wall = time.time() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return {"exit": child.returncode, "wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    try:
+        code, maxrss_kib = (int(v) for v in report.read_text().split())
+    except (OSError, ValueError):  # the command could not be started (its error is in the log)
+        return {"exit": 127, "wall_s": round(wall, 2), "peak_rss_mib": None}
+    return {"exit": code, "wall_s": round(wall, 2), "peak_rss_mib": round(maxrss_kib / 1024, 1)}
 
 
 def stage_seconds(events: list[dict], started: float) -> dict[str, float]:

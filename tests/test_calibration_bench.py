@@ -40,6 +40,26 @@ def test_report_ratios_to_the_peer_and_to_the_weights():
     assert "| llmcompressor-gptq | - |" in render_markdown(constructed_report(with_peer=False))
 
 
+def test_a_child_reports_its_own_peak_not_the_benchmarks(tmp_path):
+    """A child that touches 100 MiB, run by this process after it touched 600 MiB (and freed them): its
+    peak RSS is its own, about 100 MiB plus an interpreter, not this process's 600+ (Linux hands a
+    process the peak of the memory it replaces at exec; run_child spawns through a small interpreter)."""
+    import resource
+    import sys
+
+    held = bytearray(600 << 20)  # zero-filled, so every page is touched
+    del held
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 >= 600
+    child = [sys.executable, "-c", "b = bytearray(100 << 20)"]
+    got = calibration.run_child(child, tmp_path / "child.log")
+    assert got["exit"] == 0 and 100 <= got["peak_rss_mib"] < 100 + 150, got
+    failed = calibration.run_child([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "fail.log")
+    assert failed["exit"] == 3
+    missing = calibration.run_child([str(tmp_path / "no-such-program")], tmp_path / "missing.log")
+    assert missing["exit"] == 127 and missing["peak_rss_mib"] is None
+    assert "no-such-program" in (tmp_path / "missing.log").read_text()
+
+
 def test_unknown_method_is_one_clear_error(capsys):
     assert calibration.main(["--quick", "--methods", "gptq,awq"]) == 2
     assert "unknown awq" in capsys.readouterr().err
