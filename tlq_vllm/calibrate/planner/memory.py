@@ -360,13 +360,14 @@ def _groups_peak(d: ModelDims, kind: str | None, T: int, *, rows_bytes: tuple[in
             out_f = shapes[name][0]
             W = out_f * in_f * 4
             inin = sq * 4
-            # the RTN baseline's error first (up to 8 [out, in] float32 temporaries), then the solve: its
+            # the RTN baseline's error first (up to 6 [out, in] float32 temporaries, its errors summed a block
+            # of rows at a time; measured alike on bf16 and float32 layers, 2026-12-04), then the solve: its
             # [in, in] matrix, W0, W, the weight's float32 copy, the integers, and the lazy update's two
             # [block, in] slices of the factor (measured on shapes from 64 x 2048 to 512 x 256)
             solve_phase = int(inin_copies * inin) + 4 * W + 2 * SolverOptions.block_size * in_f * 4
-            gptq = max(8 * W, solve_phase) if solve else 6 * W
             if f == 4:  # a float32 layer: the solver's two float32 copies of the weight are the weight itself
-                gptq -= 2 * W
+                solve_phase -= 2 * W
+            gptq = max(6 * W, solve_phase) if solve else 6 * W
             asym = (4 * inin + 2 * W) if asymmetric else 0  # cross.float(), H + damp I, the LU of solve, eye
             last_x = rows * in_f * 4 * (2 if asymmetric else 1)  # the last sample's capture is still referenced
             cand.append((mats + h32 * inin + max(gptq, asym) + last_x, name))
