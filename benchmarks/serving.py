@@ -238,7 +238,7 @@ def run_vllm_bench(argv: list[str], log: Path) -> dict:
 
 def server_memory(pid: int) -> dict:
     """What a started server holds in memory: the PSS (each shared page divided among the processes that map
-    it, so that the launcher, the API server and the engine core add up) and the USS of the process `pid` and
+    it, so that the API server, the engine core and its worker add up) and the USS of the process `pid` and
     all its descendants, in bytes. vLLM's CPU worker does not log its model's memory (its CUDA worker's
     "Model loading took ..." line), so the benchmark reads the kernel's accounting instead, once the server
     answers /health: weights, the KV cache (VLLM_CPU_KVCACHE_SPACE), the Python runtime and libraries."""

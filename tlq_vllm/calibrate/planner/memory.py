@@ -361,7 +361,8 @@ def _groups_peak(d: ModelDims, kind: str | None, T: int, *, rows_bytes: tuple[in
             W = out_f * in_f * 4
             inin = sq * 4
             # the RTN baseline's error first (up to 6 [out, in] float32 temporaries, its errors summed a block
-            # of rows at a time; measured alike on bf16 and float32 layers, 2026-12-04), then the solve: its
+            # of rows at a time; measured on bf16 layers, AMD EPYC AVX-512 BF16, 2026-12-04: the planner test's
+            # five fixtures within its 15%), then the solve: its
             # [in, in] matrix, W0, W, the weight's float32 copy, the integers, and the lazy update's two
             # [block, in] slices of the factor (measured on shapes from 64 x 2048 to 512 x 256)
             solve_phase = int(inin_copies * inin) + 4 * W + 2 * SolverOptions.block_size * in_f * 4
