@@ -365,12 +365,12 @@ def test_partial_hessians_sum_to_the_hessian_of_all_tokens():
     ranks[1].add(x[1, 20:], wts[1, 20:])
     ranks[1].add(x[2], wts[2])
     ranks[0].merge(ranks[1])
-    torch.testing.assert_close(ranks[0].hessian, full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ranks[0].full(), full, rtol=1e-12, atol=1e-12)
     assert ranks[0].num_tokens == 150 and ranks[0].weight_sum == pytest.approx(float(wts.sum()))
 
     one = HessianAccumulator.zeros(24)  # float32: one-shot vs accumulated agree to rounding
     one.add(x.float(), wts.float())
-    torch.testing.assert_close(one.hessian, full.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(one.full(), full.float(), rtol=1e-5, atol=1e-4)
 
     with pytest.raises(ValueError, match="non-negative"):
         weighted_hessian(x, -wts)

@@ -224,7 +224,7 @@ def calibrate_layer(
                 last = last_reader[source[name]] == name
                 rows = hessians[source[name]].num_tokens if routed else None
                 # its last reader takes the Hessian out of the dict: the solve may then overwrite it
-                hessian = (hessians.pop(source[name]) if last else hessians[source[name]]).hessian.float()
+                hessian = (hessians.pop(source[name]) if last else hessians[source[name]]).full().float()
                 weight = linear.weight
                 if mode == "asymmetric":
                     weight = asymmetric_target(originals[name].float(), hessian, cross[source[name]].float(),

@@ -313,7 +313,7 @@ def _calibrate_device(d: ModelDims, T: int, scheme: Scheme, method: Method, asym
     Per group (in = its input width, n its linears): the accumulators G = n in^2 hb (Hessians) +
     n in^2 hb (cross matrices) with hb = Assumptions.hessian_bytes; the solver gets a float32 copy
     of each summed Hessian. Phases: allocation (the previous group's matrices are still referenced
-    while the new ones are allocated), statistics (one sample's capture and the float64 product),
+    while the new ones are allocated), statistics (one sample's capture; its product goes into the Hessian in place),
     solve (the float32 H, GPTQ's copies, the error report's [out, in] temporaries). f: bytes a
     value of the layer's forwards (forward_bytes); inin_copies: the solve's own [in, in] matrices on this
     device (Assumptions.solver_inin_copies, or its _cpu twin)."""
@@ -354,7 +354,7 @@ def _groups_peak(d: ModelDims, kind: str | None, T: int, *, rows_bytes: tuple[in
             capture += T * d.hidden * f
         if asymmetric:
             capture += T * in_f * (4 + 2 * 8) + sq * 8  # the FP-path capture and the float64 cross product
-        stats = mats + prev_h32 + sq * hb + fwd + capture
+        stats = mats + prev_h32 + fwd + capture  # the product is added into H in place (no [in, in] temporary)
         cand = [(alloc, group[0]), (stats, group[0])]
         for name in group:
             out_f = shapes[name][0]
