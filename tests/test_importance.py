@@ -13,7 +13,7 @@ from tlq_vllm.calibrate.context import RunLog, target_linears
 from tlq_vllm.calibrate.data import ROLE_ANSWER, ROLE_PROMPT, ROLE_VISION
 from tlq_vllm.calibrate.importance import gradient_importance, integrate, mbq_ratios, modality_average
 from tlq_vllm.calibrate.pipeline import load_model, prepare_samples
-from tlq_vllm.calibrate.streaming import capture_linear_inputs, catch_decoder_inputs
+from tlq_vllm.calibrate.streaming import capture_linear_inputs, catch_decoder_inputs, parameter_dtype
 from tlq_vllm.calibrate.tokensets import effective_tokens, select_tokens
 from tlq_vllm.models.tiny import build_fixture
 
@@ -168,6 +168,7 @@ def test_tlq_weights_reach_the_pipelines_hessian(tmp_path, monkeypatch):
         layers, model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head), [names] * len(layers),
         caught, roles,
         [s.inputs["input_ids"][0] for s in samples], device="cpu", progress=False,
+        backward_dtype=parameter_dtype(layers[0]),  # as the run: --compute-dtype model, --importance-dtype compute
     )
     group = adapter.decoder_groups[0]
     tokens = select_tokens(integrate(raw, beta=config.beta, clip_percentile=config.clip_percentile)[0][group[0]],

@@ -288,8 +288,11 @@ def test_predicted_peaks_match_measured_on_cpu(fixture):
     """The catch, importance-backward and calibrate-layer allocations of a fixture on CPU against
     the plan with device="cpu": within 15% for importance and calibration (the terms that size
     the device: autograd activations, Hessians, GPTQ's copies); the catcher's estimate is an
-    upper bound within 1.5x (its text-embedding term is conservative)."""
-    from tlq_vllm.calibrate.importance import gradient_importance
+    upper bound within 1.5x (its text-embedding term is conservative). The importance backward
+    is measured in float32 (--importance-dtype float32) and as the default runs it (in the
+    forwards' dtype: bf16 on a CPU with bf16 instructions), whose activations the plan counts in
+    float32 too: within 35% there (0.67-1.16x of the float32 count on these fixtures)."""
+    from tlq_vllm.calibrate.importance import answer_positions, gradient_importance
     from tlq_vllm.calibrate.layerwise import SolverOptions, calibrate_layer
     from tlq_vllm.calibrate.pipeline import RunLog, load_model, prepare_samples
     from tlq_vllm.calibrate.schemes import get_scheme
@@ -313,31 +316,42 @@ def test_predicted_peaks_match_measured_on_cpu(fixture):
 
     with PeakTracker(existing()) as catch:
         caught = [catch_layer_inputs(model, layers, s.inputs) for s in samples]
-    with PeakTracker(existing()) as importance:
-        gradient_importance(layers, model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head),
-                            names, caught, roles, [s.inputs["input_ids"][0] for s in samples], device="cpu",
-                            progress=False)
     dtype = parameter_dtype(layers[0])
-    with PeakTracker(existing()) as calibrate, on_device(layers[0], "cpu", compute_dtype("cpu", dtype)):
+    forward = compute_dtype("cpu", dtype)  # as the pipeline runs it: --compute-dtype auto, --importance-dtype compute
+    importance = {}
+    for choice, backward in (("float32", torch.float32), ("compute", forward)):
+        with PeakTracker(existing()) as importance[choice]:
+            gradient_importance(layers, model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head),
+                                names, caught, roles, [s.inputs["input_ids"][0] for s in samples], device="cpu",
+                                compute_dtype=forward, backward_dtype=backward, progress=False)
+    with PeakTracker(existing()) as calibrate, on_device(layers[0], "cpu", forward):
         calibrate_layer(layers[0], groups[0], [c.hidden for c in caught], [c.kwargs for c in caught],
                         {n: all_tokens(roles) for n in names[0]}, get_scheme("W4A16"), SolverOptions(), device="cpu",
                         weight_dtype=dtype, experts=adapter.sparse_experts)  # as the stack loop runs it: widened
                         # where the CPU lacks bf16
 
-    run = CalibrationConfig(scheme="W4A16", method="tlq", num_samples=len(samples),
-                            max_seq_len=max(s.num_tokens for s in samples))
-    p = plan(json.loads((model_dir / "config.json").read_text()), run,
-             vision_tokens_per_sample=max(int((r == 1).sum()) for r in roles), device="cpu")
+    # the plan bounds the loss rows by assumption; these samples' answers are known (importance.answer_positions)
+    answers = max(len(answer_positions(r)) for r in roles)
+    plans = {choice: plan(json.loads((model_dir / "config.json").read_text()),
+                          CalibrationConfig(scheme="W4A16", method="tlq", num_samples=len(samples),
+                                            max_seq_len=max(s.num_tokens for s in samples), importance_dtype=choice),
+                          vision_tokens_per_sample=max(int((r == 1).sum()) for r in roles), device="cpu",
+                          assumptions=replace(Assumptions(), answer_tokens=answers))
+             for choice in ("float32", "compute")}
+    p = plans["compute"]
     existing_parts = {"runtime", "weights", "sample inputs"}
     after_catch = existing_parts | {"layer-0 inputs"}
     # calibrate_layer alone: not the hidden states, importances, token sets and results around it
     around = after_catch | {"hidden states", "decoder-input gradients", "importances + scores", "token sets", "results"}
 
-    def predicted(stage, exclude):
+    def predicted(stage, exclude, p=p):
         return sum(v for k, v in p.stage(stage).host_parts.items() if k not in exclude)
 
     assert catch.measured <= predicted("catch", existing_parts) <= 1.5 * catch.measured
-    assert predicted("importance backward", after_catch) == pytest.approx(importance.measured, rel=0.15)
+    assert predicted("importance backward", after_catch, plans["float32"]) == pytest.approx(
+        importance["float32"].measured, rel=0.15)
+    tolerance = 0.15 if forward == torch.float32 else 0.35
+    assert predicted("importance backward", after_catch) == pytest.approx(importance["compute"].measured, rel=tolerance)
     assert predicted("calibrate layer", around) == pytest.approx(calibrate.measured, rel=0.15)
 
 

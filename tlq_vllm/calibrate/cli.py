@@ -16,6 +16,7 @@ from dataclasses import fields
 from tlq_vllm.calibrate.config import (
     COMPUTE_DTYPES,
     GRANULARITIES,
+    IMPORTANCE_DTYPES,
     CalibrationConfig,
     ConfigError,
     available_recipes,
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     solver.add_argument("--compute-dtype", choices=COMPUTE_DTYPES,
                         help="dtype of the layer forwards: auto = float32 on CPUs without bf16 instructions "
                              "(AVX2-only: ~5x faster), else the model's (default auto)")
+    solver.add_argument("--importance-dtype", choices=IMPORTANCE_DTYPES,
+                        help="dtype of the importance pass's backward: compute = the layer forwards' "
+                             "(bf16 where they run in bf16), or float32 (default compute)")
     model = p.add_argument_group("model loading")
     model.add_argument(
         "--quantize-vision", action=argparse.BooleanOptionalAction, help="also quantize the vision blocks"

@@ -117,6 +117,7 @@ class RunContext:
     device: torch.device
     dtype: torch.dtype  # the model's weights, as the checkpoint holds them
     compute_dtype: torch.dtype  # of the block forwards (--compute-dtype; streaming.compute_dtype)
+    importance_dtype: torch.dtype  # of the importance pass's block-wise backward (--importance-dtype)
     dist: Dist
     log: RunLog
     progress: bool
@@ -143,6 +144,7 @@ class RunContext:
             device=device,
             dtype=dtype,
             compute_dtype=forward_dtype,
+            importance_dtype=forward_dtype if config.importance_dtype == "compute" else torch.float32,
             dist=dist,
             log=log,
             progress=config.progress and dist.is_main,

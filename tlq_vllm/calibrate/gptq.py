@@ -97,11 +97,22 @@ ERROR_BLOCK_ELEMENTS = 2**22
 
 
 def weighted_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr(dW H dW^T) / 2 = sum_t w_t ||dW x_t||^2 for H = 2 sum_t w_t x_t x_t^T, a block of rows at a
-    time (rows are independent), so its temporaries are two small blocks rather than two [out, in]
-    matrices (52 MiB each for a 2B down_proj, at the solve's peak); blocks summed in float64."""
+    """tr(dW H dW^T) / 2 = sum_t w_t ||dW x_t||^2 for H = 2 sum_t w_t x_t x_t^T (symmetric).
+
+    A block of dW's rows at a time (rows are independent), and within it one block row of H's lower
+    triangle at a time, each off-diagonal block counted twice: half the multiply-adds of dW H, and
+    temporaries of [rows, HESSIAN_BLOCK] instead of two [out, in] matrices (52 MiB each for a 2B
+    down_proj, at the solve's peak). Blocks summed in float64."""
     rows = max(1, ERROR_BLOCK_ELEMENTS // max(1, delta.shape[1]))
-    return sum(float(((d @ hessian) * d).sum(dtype=torch.float64)) for d in delta.split(rows)) / 2
+    n, total = delta.shape[1], 0.0
+    for d in delta.split(rows):
+        for r0 in range(0, n, HESSIAN_BLOCK):
+            r1 = min(r0 + HESSIAN_BLOCK, n)
+            part = d[:, r0:r1] @ hessian[r0:r1, r0:r1]  # [rows, block]: the diagonal block's terms
+            if r0:
+                part.addmm_(d[:, :r0], hessian[r0:r1, :r0].T, alpha=2.0)  # and the block row left of it, twice
+            total += float((part * d[:, r0:r1]).sum(dtype=torch.float64))
+    return total / 2
 
 
 @dataclass

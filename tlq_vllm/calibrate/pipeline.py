@@ -302,6 +302,7 @@ def run(config: CalibrationConfig) -> Path:
             "options": config.knobs(),
             "fingerprint": config.fingerprint(),
             "compute_dtype": dtype_name(ctx.compute_dtype),  # what --compute-dtype resolved to
+            "importance_dtype": dtype_name(ctx.importance_dtype),  # and --importance-dtype
             "model": model_ref,
             "calibration_set": {
                 "source": config.data,

@@ -247,6 +247,7 @@ def decoder_token_sets(ctx, caught: list[LayerInputs], samples: list, all_roles:
         device=ctx.device,
         granularity=options.granularity,
         compute_dtype=ctx.compute_dtype,
+        backward_dtype=ctx.importance_dtype,
         progress=ctx.progress,
     )
     raw = [{n: dist.gather_samples(a, len(all_roles)) for n, a in per.items()} for per in raw]

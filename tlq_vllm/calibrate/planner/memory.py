@@ -31,17 +31,18 @@ fragmentation). Host peaks are the resident memory of one rank; budgets are per 
 - importance backward: device = max(
     loss phase (importance.answer_gradients): lm_head in the model dtype V H b + float32 chunk
     temporaries (C H + 3 N C) 4 with C = min(V, E / max(N, H)) rows of lm_head at a time (E =
-    LOSS_CHUNK_ELEMENTS) + 4 N H 4 for the N = S min(T, text_tokens) answer rows of every sample,
-    layer phase: the layer in float32 (4 bytes a parameter) + 4 T (max(2 H + 2 q + 2 kv + 6 I,
+    LOSS_CHUNK_ELEMENTS) + 4 N H 4 for the N = S min(T, answer_tokens) answer rows of every sample,
+    layer phase: the layer in g bytes a parameter (the backward's dtype, --importance-dtype: g = f
+    by default, 4 for float32; new memory only where g > b) + 4 T (max(2 H + 2 q + 2 kv + 6 I,
     7 H + 2 q + 2 kv + h, 3 H + 3 q + 3 kv + h) + 2 H + 2 head_dim), with h = 2 I for per-linear
     hooks (granularity "linear"), 0 for "layer"; parameters need no gradients).
-  Host adds the output gradients S T H 4 and the importances S T L n_lin 4.
+  Host adds the output gradients S T H 4 (the loss's, float32) and the importances S T L n_lin 4.
 - calibrate layer (layerwise.calibrate_layer, gptq.gptq_quantize), per group of linears sharing
   an input of width `in` (q,k,v -> o -> gate,up -> down), per linear [out, in]:
     group matrices G = n_g in^2 hb (Hessians in --hessian-dtype: hb = 4, or 8 for float64)
       (+ the same again for the cross matrices of --asymmetric-target; Assumptions.hessian_bytes);
-    statistics = G + the previous group's float32 H + one in^2 8 product + the forward
-      + T in (b + 24) of capture;
+    statistics = G + the previous group's float32 H + the forward + T in (b + 24) of capture
+      (each sample's product goes into the Hessian's lower triangle in place);
     solve = G + in^2 4 (the summed H in float32) + max(5.75 in^2 4 + 2 out in 4, 2 in^2 4
       + 8 out in 4) + T in 4 (GPTQ's H clone, damped copy, Cholesky factor, upper factor of the
       inverse and torch.isfinite's temporaries; then the error report).
@@ -50,7 +51,7 @@ fragmentation). Host peaks are the resident memory of one rank; budgets are per 
   the solve of mlp.down_proj (in = I) dominates and does NOT shrink with fewer samples, shorter
   sequences or more ranks. Host = weights + sample inputs + 3 S T H b of hidden states (caught
   layer-0 inputs, this layer's inputs and outputs; 5 with --no-exposure or --asymmetric-target,
-  which stream the FP path too) + dL/dh_0 S T H 4 (gradient_importance returns it) + importances
+  which stream the FP path too) + dL/dh_0 S T H g (gradient_importance returns it) + importances
   and integrated scores 2 N_s T L n_lin 4 + token sets 0.6 T 12 L n_lin N_s (int64 indices +
   float32 weights for at most rho + floor of the tokens; N_s = all samples: they are gathered)
   + results P_lin (1 + 4 / group) (int8 + scales).
@@ -128,6 +129,9 @@ class Assumptions:
     solver_inin_copies: float = 1.0
     solver_inin_copies_cpu: float = 0.0
     text_tokens: int = 64  # non-vision tokens of a sample (system prompt, question, answer)
+    # answer tokens of a sample, the rows the loss phase takes through lm_head: a bound (the plan does not
+    # see the answers), as many as text_tokens; a test that knows its answers gives their count
+    answer_tokens: int = 64
     attn_implementation: str = "sdpa"  # "sdpa" (no T^2 buffers) or "eager" (materialised attention)
     keep_fraction: float = 0.6  # token-set bound: rho + modality floor (defaults 0.5 + 0.1)
     results_on_every_rank: bool = True  # every rank keeps the broadcast integers (only rank 0 exports)
@@ -277,8 +281,16 @@ def _forward_act(d: ModelDims, T: int, a: Assumptions, b: int) -> int:
     return T * (H + max(2 * H + 3 * I, H + 4 * q + 3 * kv)) * b + attn
 
 
+def importance_bytes(config: CalibrationConfig, device: str, dtype_bytes: int) -> int:
+    """Bytes a value of the importance pass's backward (--importance-dtype: "compute" follows the
+    layer forwards, forward_bytes)."""
+    return forward_bytes(config, device, dtype_bytes) if config.importance_dtype == "compute" else 4
+
+
 def _backward_act(d: ModelDims, T: int, granularity: str, a: Assumptions) -> int:
-    """One sample's float32 autograd activations, captured output gradients and backward
+    """One sample's autograd activations (4 bytes a value, whatever the backward's dtype: a bf16
+    backward measured 0.89-1.16x this on the planner test's fixtures, its norms, softmax and hooks
+    holding float32 copies), captured output gradients and backward
     transients for one layer (parameters need no gradients, so linear inputs are not saved):
     the larger of the MLP backward (2 H + 2 q + 2 kv + 6 I floats a token), the post-attention
     RMSNorm backward (7 H + 2 q + 2 kv) and the attention backward (3 H + 3 q + 3 kv); per-linear
@@ -301,7 +313,7 @@ def _loss_device(d: ModelDims, S: int, T: int, a: Assumptions) -> int:
     """importance.answer_gradients above lm_head: the float32 chunk temporaries (a weight chunk,
     logits, probabilities, their scaled copy: each at most LOSS_CHUNK_ELEMENTS) and the answer rows'
     hidden states, normed states, their gradient and the norm's backward."""
-    rows = S * min(T, a.text_tokens)
+    rows = S * min(T, a.answer_tokens)
     chunk = min(d.vocab, max(1, LOSS_CHUNK_ELEMENTS // max(rows, d.hidden)))  # lm_head rows at a time
     return (chunk * d.hidden + 3 * rows * chunk) * 4 + 4 * rows * d.hidden * 4
 
@@ -468,14 +480,16 @@ def peaks(
         dev = {"layer": layer, "layer widened": widened, "activations": _forward_act(d, T, a, f)}
         rows.append(("importance forward", dev, host_fwd, {"layer": layer}, False))
         lm_head, loss = d.vocab * H * b, _loss_device(d, S, T, a)
-        layer_phase = d.layer_params * 4 + _backward_act(d, T, config.importance_granularity, a)
-        if lm_head + loss > layer_phase:
+        g = importance_bytes(config, device, b)
+        backward_layer, activations = d.layer_params * g, _backward_act(d, T, config.importance_granularity, a)
+        if lm_head + loss > backward_layer + activations:
             dev = {"lm_head": lm_head, "answer rows + logit chunks (float32)": loss}
         else:
-            dev = {"layer (float32)": d.layer_params * 4, "activations (float32)": layer_phase - d.layer_params * 4}
+            dev = {f"layer ({g} bytes a value)": backward_layer, "activations": activations}
+        # the loss gradient enters in float32; each sample's becomes g bytes as the backward passes it
         host = {**host_fwd, "output gradients": S * T * H * 4, "importances": imp}
-        # on a CPU "device" lm_head stays where it is; the layer's float32 copy is new memory beside it
-        moves = {"lm_head": lm_head}
+        # on a CPU "device" lm_head stays where it is, and so does the layer unless the backward widens it
+        moves = {"lm_head": lm_head, f"layer ({g} bytes a value)": backward_layer if g == b else 0}
         rows.append(("importance backward", dev, host, moves, False))
     else:
         rows.append(("importance forward", {}, dict(base_host), {}, True))
@@ -493,7 +507,7 @@ def peaks(
         host = {**base_host, "sample inputs": sample_inputs, "hidden states": copies * hidden + kwargs,
                 "results": results}
         if uses_importance and config.quantize_vision:  # dL/dh_0 per sample, kept for the vision pass
-            host["decoder-input gradients"] = S * T * H * 4
+            host["decoder-input gradients"] = S * T * H * importance_bytes(config, device, b)
         if calibration.token_weights == TOKEN:
             host["importances + scores"] = 2 * imp_all
             host["token sets"] = int(gathered * T * a.keep_fraction * 12 * d.token_sets)
