@@ -46,6 +46,22 @@ def test_resume_refuses_another_runs_checkpoint(runs, capsys):
         main([*TINY, "--output", str(runs / "x"), "--checkpoint-dir", str(runs / "none"), "--resume"])
 
 
+def test_export_writes_the_checkpoint_as_a_model_directory(runs):
+    """--export: the finished run's checkpoint gives the same weights as the run's own output; a
+    stopped run's gives a directory whose log says the schedule did not finish."""
+    assert main([*TINY, "--output", str(runs / "exported"), "--checkpoint-dir", str(runs / "ck-a"), "--export"]) == 0
+    a, b = load_file(runs / "straight" / "model.safetensors"), load_file(runs / "exported" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((runs / "exported" / "training_log.json").read_text())["schedule_finished"] is True
+    stopped = [*TINY, "--checkpoint-dir", str(runs / "ck-c")]
+    assert main([*stopped, "--output", str(runs / "never"), "--stop-at", "1"]) == 0
+    assert main([*stopped, "--output", str(runs / "partial"), "--export"]) == 0
+    log = json.loads((runs / "partial" / "training_log.json").read_text())
+    assert (log["step"], log["steps"], log["schedule_finished"]) == (1, 4, False)
+    with pytest.raises(SystemExit, match="--export: no checkpoint"):
+        main([*TINY, "--output", str(runs / "x"), "--checkpoint-dir", str(runs / "none"), "--export"])
+
+
 def test_output_is_a_qwen2_vl_directory_transformers_loads(runs):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, help="stop (checkpointed) after this many seconds")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default 0 on CPU, 8 with CUDA)")
     parser.add_argument("--log-json", help="also write the training log here at every log step")
+    parser.add_argument("--export", action="store_true",
+                        help="write --output from the checkpoint directory's last.pt and stop (a run stopped before "
+                             "its schedule ended: its log says at which step)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         raise SystemExit("error: --steps and --batch-size must be at least 1")
@@ -224,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     image_token_id = model.config.image_token_id
     optimizer = common.make_optimizer(model, args.lr, args.weight_decay)
     step, history, window, elapsed_before = 0, [], [], 0.0
-    if args.resume:
+    if args.resume or args.export:
         if not (checkpoint_dir / "last.pt").is_file():
-            raise SystemExit(f"error: --resume: no checkpoint at {checkpoint_dir / 'last.pt'}")
+            flag = "--export" if args.export else "--resume"
+            raise SystemExit(f"error: {flag}: no checkpoint at {checkpoint_dir / 'last.pt'}")
         state = restore(checkpoint_dir / "last.pt", model, optimizer, settings)
         step, history, window, elapsed_before = state["step"], state["history"], state["window"], state["elapsed_s"]
         print(f"resumed at step {step} from {checkpoint_dir / 'last.pt'}")
@@ -246,10 +250,15 @@ def main(argv: list[str] | None = None) -> int:
           f"of batch {args.batch_size}; checkpoints in {checkpoint_dir}")
 
     def log_record() -> dict:
-        return {"recipe": recipe.name, "parameters": n_params, **settings, "examples_seen": step * args.batch_size,
+        return {"recipe": recipe.name, "parameters": n_params, **settings, "step": step,
+                "examples_seen": step * args.batch_size,
                 "wall_s": round(elapsed_before + time.time() - started, 1), "device": str(device),
+                "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                 "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                 "torch": torch.__version__, "item_weights": ITEM_WEIGHTS, "history": history}
+
+    if args.export:
+        return export(model, processor, log_record(), Path(args.output), recipe.name)
 
     def checkpoint() -> None:
         save_checkpoint(checkpoint_state(model, optimizer, step, history, window, settings,
@@ -289,9 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     if step < args.steps:
         print(f"stopped at step {step} (--stop-at); continue with --resume")
         return 0
-    log = log_record()
-    common.save_model_dir(model.cpu(), processor, log, Path(args.output), f"toy VLM v2 on scenes ({recipe.name})")
-    print(f"saved {args.output} ({log['wall_s'] / 60:.1f} min, final loss {history[-1].get('loss', float('nan')):.4f})")
+    return export(model, processor, log_record(), Path(args.output), recipe.name)
+
+
+def export(model, processor, log: dict, output: Path, recipe: str) -> int:
+    """The model directory; `schedule_finished` in its log says whether the cosine schedule ran out."""
+    log = {**log, "schedule_finished": log["step"] == log["steps"]}
+    common.save_model_dir(model.cpu(), processor, log, output, f"toy VLM v2 on scenes ({recipe})")
+    losses = [r["loss"] for r in log["history"] if "loss" in r]
+    print(f"saved {output} at step {log['step']} of {log['steps']} "
+          f"({log['wall_s'] / 60:.1f} min, final loss {losses[-1] if losses else float('nan'):.4f})")
     return 0
 
 
