@@ -34,7 +34,7 @@ peer-llmcompressor-setup:
 
 # ARGS: --model DIR --calib-jsonl FILE --scheme W4A16|W8A8|W4A8|W3A16 --output DIR [--seed N] [--overwrite]
 peer-llmcompressor: peer-llmcompressor-setup
-	.venv-llmc/bin/python benchmarks/peers/llmcompressor_gptq.py $(ARGS)
+	.venv-llmc/bin/python benchmarks/peers/llmcompressor_peer.py $(ARGS)
 
 bench-accuracy: setup peer-llmcompressor-setup
 	$(PY) -m benchmarks.accuracy $(ARGS)

@@ -2,19 +2,28 @@
 
     python -m benchmarks.accuracy                 # the full matrix (make bench-accuracy)
     python -m benchmarks.accuracy --quick         # CI's reduced run: 1 seed, 64 questions, W4A16
+    python -m benchmarks.accuracy --data scenes   # the scene testbed (toy VLM v2, docs/testbed.md)
+
+`--data scenes` evaluates toy VLM v2 (`--model testbed`) on the 3,500 scene test questions and
+the teacher-forced captions of 500 test scenes (NLL per token, KL against FP), calibrates on
+`scenes:calibration`, reports accuracy per question type, and gives every difference (each method
+against FP, and each pair of methods in a scheme) a paired 95% bootstrap interval over the
+evaluation images (`benchmarks.common.paired_difference_ci`). Nothing is tuned on the test
+split: the methods run at their defaults (a knob would be chosen on `scenes:validation`).
 
 For the toy VLM (`tlq_vllm/assets/toyvlm-easyvqa`, trained on easy-vqa's train split) or any
 `--model`: FP, then methods {rtn, gptq, mbq, smoothquant (A8 schemes), tlq} x schemes x seeds,
 each calibrated on easy-vqa *train* samples (the seed picks them) and evaluated on a fixed subset
 of the *test* split with the transformers backend (`tlq_vllm.eval`: exact checkpoint numerics,
-int8 per-token activations for A8 schemes); TLQ ablations; and the llm-compressor GPTQ peer
-when its venv exists (`make peer-llmcompressor-setup`). Writes `accuracy.json`, `ACCURACY.md`
+int8 per-token activations for A8 schemes); TLQ ablations; and the llm-compressor GPTQ and AWQ
+peers when their venv exists (`make peer-llmcompressor-setup`). Writes `accuracy.json`, `ACCURACY.md`
 and PNG plots to --results-dir. RTN uses no data, so it runs once (its std is 0 by construction).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -30,12 +39,30 @@ import torch
 
 from benchmarks import common
 from tlq_vllm.calibrate.methods import METHOD_NAMES, TOKEN, get_method
+from tlq_vllm.paths import TESTBED_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 TOYVLM = REPO / "tlq_vllm" / "assets" / "toyvlm-easyvqa"
 PEER_PYTHON = REPO / ".venv-llmc" / "bin" / "python"
-PEER_SCRIPT = REPO / "benchmarks" / "peers" / "llmcompressor_gptq.py"
+PEER_SCRIPT = REPO / "benchmarks" / "peers" / "llmcompressor_peer.py"
 A8_SCHEMES = ("W8A8", "W4A8")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """What the benchmark evaluates on and calibrates from, per `--data`."""
+
+    model: Path  # the default --model: the toy VLM trained on this data
+    eval_data: str  # `tlq_vllm.eval.load_items` name (a test split)
+    calibration_data: str  # `tlq_vllm.calibrate.data.load_records` name (a split disjoint from the test)
+    default_limit: int | None  # test questions when --eval-limit is not given (None: all)
+    caption_scenes: int = 0  # teacher-forced captions of this many test scenes (scenes only)
+
+
+DATASETS = {
+    "easy-vqa": Dataset(TOYVLM, "easy-vqa", "easy-vqa", 1000),
+    "scenes": Dataset(TESTBED_DIR, "scenes", "scenes:calibration", None, caption_scenes=500),
+}
 
 
 @dataclass(frozen=True)
@@ -45,7 +72,7 @@ class Variant:
     label: str
     method: str
     options: dict = field(default_factory=dict)
-    peer: bool = False
+    peer: str = ""  # an llm-compressor algorithm (benchmarks/peers/llmcompressor_peer.py --algorithm)
 
     def applies_to(self, scheme: str) -> bool:
         """SmoothQuant migrates activation outliers into weights: only useful when activations are quantized."""
@@ -70,7 +97,7 @@ ABLATIONS = [
     Variant("tlq: beta=0", "tlq", {"beta": 0.0}),
     Variant("tlq: beta=1", "tlq", {"beta": 1.0}),
 ]
-PEER = Variant("llm-compressor gptq", "gptq", peer=True)
+PEERS = [Variant("llm-compressor gptq", "gptq", peer="gptq"), Variant("llm-compressor awq", "gptq", peer="awq")]
 
 
 def summarize(accuracies: list[float], fp_accuracy: float) -> dict:
@@ -81,28 +108,31 @@ def summarize(accuracies: list[float], fp_accuracy: float) -> dict:
             "runs": len(accuracies)}
 
 
-def calibrate(model: str, variant: Variant, scheme: str, seed: int, num_samples: int, out: Path) -> Path:
+def calibrate(model: str, variant: Variant, scheme: str, seed: int, num_samples: int, out: Path,
+              data: str = "easy-vqa") -> Path:
     from tlq_vllm.calibrate import CalibrationConfig, run
 
-    config = CalibrationConfig(model=model, scheme=scheme, method=variant.method, seed=seed,
+    config = CalibrationConfig(model=model, data=data, scheme=scheme, method=variant.method, seed=seed,
                                num_samples=num_samples, output=str(out), overwrite=True, progress=False,
                                **variant.options)
     return run(config.validate())
 
 
-def calibrate_peer(model: str, scheme: str, seed: int, num_samples: int, out: Path) -> Path:
-    """llm-compressor's GPTQ in its own venv, on exactly the records the calibrator would use."""
+def calibrate_peer(model: str, scheme: str, seed: int, num_samples: int, out: Path, data: str = "easy-vqa",
+                   algorithm: str = "gptq") -> Path:
+    """llm-compressor's GPTQ or AWQ in its own venv, on exactly the records the calibrator would use."""
     from tlq_vllm.calibrate.data import load_records
 
     calib = out.with_suffix(".calib.jsonl")
-    records = load_records("easy-vqa", num_samples=num_samples, seed=seed)
+    records = load_records(data, num_samples=num_samples, seed=seed)
     calib.write_text("".join(json.dumps({"image": str(r.images[0]), "question": r.prompt, "answer": r.answer}) + "\n"
                              for r in records))
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--model", model, "--calib-jsonl", str(calib),
-           "--scheme", scheme, "--output", str(out), "--seed", str(seed), "--overwrite"]
+           "--scheme", scheme, "--output", str(out), "--seed", str(seed), "--algorithm", algorithm, "--overwrite"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"llm-compressor peer failed ({scheme}, seed {seed}): {done.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"llm-compressor {algorithm} failed ({scheme}, seed {seed}): "
+                           f"{done.stderr.strip()[-2000:]}")
     return out
 
 
@@ -129,21 +159,46 @@ def plan(args) -> list[tuple[Variant, str, int]]:
             if variant.applies_to(scheme):
                 runs += [(variant, scheme, s) for s in (args.seeds[:1] if variant.deterministic else args.seeds)]
         if args.peer and scheme in args.peer_schemes:
-            runs += [(PEER, scheme, s) for s in args.seeds]
+            runs += [(peer, scheme, s) for peer in PEERS for s in args.seeds]
     if args.ablation_scheme:
         runs += [(v, args.ablation_scheme, s) for v in ABLATIONS for s in args.seeds]
     return runs
 
 
-def encode_eval_set(model: str, limit: int | None):
+def encode_eval_set(model: str, limit: int | None, dataset: Dataset = DATASETS["easy-vqa"]):
+    """(test items, their encoded batches, encoded caption batches or None)."""
     from transformers import AutoProcessor
 
     from tlq_vllm.eval import hf, load_items
+    from tlq_vllm.eval.captions import caption_items
 
-    items = load_items("easy-vqa", limit=limit, seed=0)
+    items = load_items(dataset.eval_data, limit=limit, seed=0)
     processor = AutoProcessor.from_pretrained(model)
     processor.tokenizer.padding_side = "left"
-    return items, hf.encode(processor, items, progress=False)
+    captions = (hf.encode(processor, caption_items("test", dataset.caption_scenes), progress=False)
+                if dataset.caption_scenes else None)
+    return items, hf.encode(processor, items, progress=False), captions
+
+
+def caption_metrics(checkpoint, captions, reference: list[torch.Tensor] | None) -> tuple[dict, list[torch.Tensor]]:
+    """Teacher-forced caption NLL per token (and KL / top-1 agreement against FP's log-probs)."""
+    from tlq_vllm.eval import hf
+    from tlq_vllm.eval.captions import caption_nll
+
+    model, _ = hf.load_model(checkpoint)
+    log_probs = hf.answer_log_probs(model, captions)
+    metrics = caption_nll(log_probs, [ids for b in captions for ids in b.answer_ids])
+    if reference is not None:
+        metrics.update({f"caption_{k}": v for k, v in hf.agreement_and_kl(reference, log_probs).items()})
+    return metrics, log_probs
+
+
+def correct_string(items, predictions: list[str]) -> str:
+    """Per-question exact match as a string of 0/1, in item order: what paired intervals need,
+    compact enough for accuracy.json."""
+    from tlq_vllm.eval.vqa import vqa_score
+
+    return "".join("1" if vqa_score(p, it.answers) >= 1 else "0" for p, it in zip(predictions, items, strict=True))
 
 
 def run_matrix(args) -> dict:
@@ -154,13 +209,20 @@ def run_matrix(args) -> dict:
     model = str(args.model)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    items, encoded = encode_eval_set(model, args.eval_limit)
-    print(f"accuracy benchmark: {model}; {len(items)} easy-vqa test questions; calibration: "
-          f"{args.num_samples} easy-vqa train samples per run; {args.jobs} worker(s)", flush=True)
+    items, encoded, captions = encode_eval_set(model, args.eval_limit, args.dataset)
+    print(f"accuracy benchmark: {model}; {len(items)} {args.data} test questions"
+          + (f" and {args.dataset.caption_scenes} captions" if captions else "") + "; calibration: "
+          f"{args.num_samples} {args.dataset.calibration_data} samples per run; {args.jobs} worker(s)", flush=True)
     fp, fp_predictions, fp_log_probs = evaluate_hf(model, encoded, progress=False)
-    print(f"FP: accuracy {fp['accuracy']:.4f} ({fp['seconds']} s)", flush=True)
+    fp["correct"] = correct_string(items, fp_predictions)
     torch.save(fp_log_probs, work / "fp_log_probs.pt")
-    del encoded
+    if captions:
+        caption_fp, caption_log_probs = caption_metrics(model, captions, None)
+        fp.update(caption_fp)
+        torch.save(caption_log_probs, work / "fp_caption_log_probs.pt")
+    print(f"FP: accuracy {fp['accuracy']:.4f} ({fp['seconds']} s)"
+          + (f", caption NLL {fp['caption_nll']:.4f}" if captions else ""), flush=True)
+    del encoded, captions
     workers = []
     for i in range(args.jobs):
         cmd = [sys.executable, "-m", "benchmarks.accuracy", *args.argv, "--worker", f"{i}/{args.jobs}"]
@@ -180,10 +242,14 @@ def run_matrix(args) -> dict:
     importance = next((r.pop("importance") for r in runs if r.get("importance")), None)
     for r in runs:
         r.pop("importance", None)
-    results = {"model": model, "machine": machine(), "eval": {"data": "easy-vqa test", "questions": len(items),
-               "subset_seed": 0}, "calibration_samples": args.num_samples, "seeds": args.seeds, "fp": fp,
-               "jobs": args.jobs, "runs": runs, "importance": importance}
+    results = {"model": model, "machine": machine(),
+               "eval": {"data": f"{args.data} test", "questions": len(items), "subset_seed": 0,
+                        "types": sorted({it.type for it in items if it.type}),
+                        "clusters": [str(it.image) for it in items]},
+               "calibration_data": args.dataset.calibration_data, "calibration_samples": args.num_samples,
+               "seeds": args.seeds, "fp": fp, "jobs": args.jobs, "runs": runs, "importance": importance}
     results["summary"] = aggregate(results)
+    results["differences"] = differences(results)
     if args.served:
         results["served"] = served_check(args, items, fp_predictions)
     return results
@@ -198,14 +264,14 @@ def served_check(args, items, fp_predictions: list[str]) -> list[dict]:
     from tlq_vllm.serve.process import ServerProcess
 
     work = Path(args.work_dir)
-    _, encoded = encode_eval_set(str(args.model), args.eval_limit)
+    _, encoded, _ = encode_eval_set(str(args.model), args.eval_limit, args.dataset)
     rows = []
     for scheme in args.served:
         if scheme == "BF16":
             checkpoint, hf_predictions = Path(args.model), fp_predictions
         else:
             checkpoint = calibrate(str(args.model), METHOD_VARIANTS["tlq"], scheme, args.seeds[0], args.num_samples,
-                                   work / f"served-tlq-{scheme}")
+                                   work / f"served-tlq-{scheme}", args.dataset.calibration_data)
             _, hf_predictions, _ = evaluate_hf(checkpoint, encoded, progress=False)
         t0 = time.time()
         try:
@@ -232,8 +298,10 @@ def run_worker(args) -> None:
 
     index, count = (int(x) for x in args.worker.split("/"))
     model, work = str(args.model), Path(args.work_dir)
-    _, encoded = encode_eval_set(model, args.eval_limit)
+    items, encoded, captions = encode_eval_set(model, args.eval_limit, args.dataset)
     fp_log_probs = torch.load(work / "fp_log_probs.pt")
+    fp_caption_log_probs = torch.load(work / "fp_caption_log_probs.pt") if captions else None
+    data = args.dataset.calibration_data
     runs = list(enumerate(plan(args), start=1))[index::count]
     total = len(plan(args))
     records = []
@@ -243,15 +311,18 @@ def run_worker(args) -> None:
         t0 = time.time()
         try:
             if variant.peer:
-                checkpoint = calibrate_peer(model, scheme, seed, args.num_samples, out)
+                checkpoint = calibrate_peer(model, scheme, seed, args.num_samples, out, data, variant.peer)
             else:
-                checkpoint = calibrate(model, variant, scheme, seed, args.num_samples, out)
+                checkpoint = calibrate(model, variant, scheme, seed, args.num_samples, out, data)
         except Exception as err:  # a method that cannot do a scheme is a result, not a crash of the matrix
             print(f"[{n}/{total}] {variant.label} {scheme} seed {seed}: FAILED: {err}", flush=True)
             records.append({"variant": variant.label, "scheme": scheme, "seed": seed, "error": str(err)})
             continue
         seconds = round(time.time() - t0, 1)
-        metrics, _, _ = evaluate_hf(checkpoint, encoded, reference=fp_log_probs, progress=False)
+        metrics, predictions, _ = evaluate_hf(checkpoint, encoded, reference=fp_log_probs, progress=False)
+        metrics["correct"] = correct_string(items, predictions)
+        if captions:
+            metrics.update(caption_metrics(checkpoint, captions, fp_caption_log_probs)[0])
         record = {"variant": variant.label, "scheme": scheme, "seed": seed, "calibration_seconds": seconds, **metrics}
         if variant.token_level and scheme == args.schemes[0] and seed == args.seeds[0]:
             record["importance"] = {"scheme": scheme, "seed": seed, "per_layer_raw": tlq_importance(checkpoint)}
@@ -264,31 +335,73 @@ def run_worker(args) -> None:
     (work / f"runs-{index}.json").write_text(json.dumps(records, indent=1) + "\n")
 
 
+def question_scores(runs: list[dict]) -> list[float] | None:
+    """Per question, the share of these runs (a variant's seeds) that answered it exactly."""
+    if not runs or any("correct" not in r for r in runs):
+        return None
+    return [sum(r["correct"][i] == "1" for r in runs) / len(runs) for i in range(len(runs[0]["correct"]))]
+
+
 def aggregate(results: dict) -> list[dict]:
-    """Per (variant, scheme): accuracy mean/std/% retained, mean agreement and KL."""
+    """Per (variant, scheme): accuracy mean/std/% retained, per-type accuracy, mean agreement and KL,
+    caption NLL/KL where measured, and the difference from FP with its paired bootstrap interval
+    (seed-averaged per-question scores against FP's, resampling the evaluation images)."""
     fp_accuracy = results["fp"]["accuracy"]
+    fp_scores = question_scores([results["fp"]])
+    clusters = results["eval"].get("clusters")
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results["runs"]:
         if "error" not in r:
             groups.setdefault((r["variant"], r["scheme"]), []).append(r)
     rows = []
     for (variant, scheme), runs in groups.items():
-        rows.append({"variant": variant, "scheme": scheme,
-                     **summarize([r["accuracy"] for r in runs], fp_accuracy),
-                     "top1_agreement": statistics.fmean(r["top1_agreement"] for r in runs),
-                     "mean_kl": statistics.fmean(r["mean_kl"] for r in runs)})
+        row = {"variant": variant, "scheme": scheme,
+               **summarize([r["accuracy"] for r in runs], fp_accuracy),
+               "top1_agreement": statistics.fmean(r["top1_agreement"] for r in runs),
+               "mean_kl": statistics.fmean(r["mean_kl"] for r in runs)}
+        for key in [k for k in runs[0] if k.startswith("accuracy_") or k in ("caption_nll", "caption_mean_kl")]:
+            row[key] = statistics.fmean(r[key] for r in runs)
+        scores = question_scores(runs)
+        if scores is not None and fp_scores is not None and clusters:
+            row["vs_fp"] = common.paired_difference_ci(fp_scores, scores, clusters)
+        rows.append(row)
+    return rows
+
+
+def differences(results: dict) -> list[dict]:
+    """Every pair of (non-ablation) variants within a scheme: mean accuracy of b minus a on the same
+    questions, seed-averaged per question, with its paired 95% bootstrap interval over images."""
+    clusters = results["eval"].get("clusters")
+    if not clusters:
+        return []
+    by_cell: dict[tuple[str, str], list[dict]] = {}
+    for r in results["runs"]:
+        if "error" not in r and not r["variant"].startswith("tlq:"):
+            by_cell.setdefault((r["scheme"], r["variant"]), []).append(r)
+    rows = []
+    for scheme in dict.fromkeys(k[0] for k in by_cell):
+        variants = [v for (s, v) in by_cell if s == scheme]
+        scores = {v: question_scores(by_cell[(scheme, v)]) for v in variants}
+        for i, a in enumerate(variants):
+            for b in variants[i + 1 :]:
+                if scores[a] is not None and scores[b] is not None:
+                    rows.append({"scheme": scheme, "a": a, "b": b,
+                                 **common.paired_difference_ci(scores[a], scores[b], clusters)})
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(TOYVLM), help="FP model directory (default: the toy VLM)")
+    parser.add_argument("--data", default="easy-vqa", choices=sorted(DATASETS),
+                        help="easy-vqa (the toy VLM) or scenes (the testbed: toy VLM v2; default easy-vqa)")
+    parser.add_argument("--model", help="FP model directory (default: the --data set's toy VLM)")
     parser.add_argument("--schemes", default="W4A16,W3A16,W4A8,W8A8")
     parser.add_argument("--methods", default="rtn,gptq,mbq,smoothquant,tlq")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--num-samples", type=int, default=32, help="calibration samples per run (default 32)")
-    parser.add_argument("--eval-limit", type=int, default=1000,
-                        help="fixed subset of the easy-vqa test split (default 1000; 0 = all 9,673)")
+    parser.add_argument("--eval-limit", type=int,
+                        help="fixed subset of the test questions (0 = all; default: easy-vqa 1000 of 9,673, "
+                             "scenes all 3,500)")
     parser.add_argument("--ablation-scheme", default="W4A16", help="scheme of the TLQ ablations ('' = none)")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
                         help="llm-compressor GPTQ rows (default: when .venv-llmc exists)")
@@ -297,8 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also ask these (FP as BF16, TLQ seed 0) through tlq_vllm.serve ('' = none)")
     parser.add_argument("--served-only", action="store_true",
                         help="only run the served check and add it to --results-dir's accuracy.json")
-    parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--work-dir", default=str(REPO / "out" / "bench-accuracy"))
+    parser.add_argument("--results-dir", help="default benchmarks/results (easy-vqa), "
+                        "benchmarks/results/accuracy-scenes (scenes)")
+    parser.add_argument("--work-dir", help="default out/bench-accuracy[-scenes]")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each (default 2)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: "i/n", this process's share of the plan
@@ -306,9 +420,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="CI's reduced run: seed 0, 64 questions, W4A16, rtn+tlq, 8 samples, no ablations/peer")
     args = parser.parse_args(argv)
     args.argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    args.dataset = DATASETS[args.data]
+    args.model = args.model or str(args.dataset.model)
+    suffix = "" if args.data == "easy-vqa" else f"-{args.data}"
+    results_default = REPO / "benchmarks" / "results" / (f"accuracy{suffix}" if suffix else "")
+    args.results_dir = args.results_dir or str(results_default)
+    args.work_dir = args.work_dir or str(REPO / "out" / f"bench-accuracy{suffix}")
+    if args.eval_limit is None:
+        args.eval_limit = args.dataset.default_limit or 0
     if args.quick:
         args.schemes, args.methods, args.seeds, args.eval_limit = "W4A16", "rtn,tlq", "0", 64
         args.num_samples, args.ablation_scheme, args.peer, args.jobs, args.served = 8, "", False, 1, ""
+        if args.dataset.caption_scenes:
+            args.dataset = dataclasses.replace(args.dataset, caption_scenes=8)
     try:
         args.schemes = [s.strip().upper() for s in args.schemes.split(",") if s.strip()]
         args.served = [s.strip().upper() for s in args.served.split(",") if s.strip()]
@@ -336,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         from tlq_vllm.eval.__main__ import evaluate_hf
 
         results = json.loads((Path(args.results_dir) / "accuracy.json").read_text())
-        items, encoded = encode_eval_set(str(args.model), args.eval_limit)
+        items, encoded, _ = encode_eval_set(str(args.model), args.eval_limit, args.dataset)
         _, fp_predictions, _ = evaluate_hf(str(args.model), encoded, progress=False)
         del encoded
         results["served"] = served_check(args, items, fp_predictions)

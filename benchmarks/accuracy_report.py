@@ -6,7 +6,7 @@ from pathlib import Path
 
 from benchmarks import common
 
-MAIN_ORDER = ["rtn", "gptq", "mbq", "smoothquant", "llm-compressor gptq", "tlq"]
+MAIN_ORDER = ["rtn", "gptq", "mbq", "smoothquant", "llm-compressor gptq", "llm-compressor awq", "tlq"]
 
 
 def cell(row: dict | None) -> str:
@@ -24,6 +24,42 @@ def main_table(results: dict) -> list[str]:
              "| FP (bf16 weights) | " + " | ".join(f"{fp:.2f} (100%)" for _ in schemes) + " |"]
     for v in variants:
         lines.append(f"| {v} | " + " | ".join(cell(summary.get((v, s))) for s in schemes) + " |")
+    return lines
+
+
+def points(ci: dict | None) -> str:
+    """A difference in accuracy points with its 95% interval, e.g. "-1.3 [-2.1, -0.5]"."""
+    if not ci:
+        return "—"
+    return f"{100 * ci['diff']:+.2f} [{100 * ci['low']:+.2f}, {100 * ci['high']:+.2f}]"
+
+
+def versus_fp_table(results: dict) -> list[str]:
+    """Per (variant, scheme): the difference from FP with its interval, per-type accuracy, caption metrics."""
+    rows = [r for r in results["summary"] if not r["variant"].startswith("tlq:")]
+    types = results["eval"].get("types") or []
+    captions = any("caption_nll" in r for r in rows)
+    fp = results["fp"]
+    headers = ["variant", "scheme", "runs", "vs FP, points [95%]", *types,
+               *(["caption NLL", "caption KL"] if captions else [])]
+    lines = ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|",
+             "| FP | | 1 | | " + " | ".join(f"{100 * fp[f'accuracy_{t}']:.1f}" for t in types)
+             + (f" | {fp['caption_nll']:.4f} | |" if captions else " |")]
+    for r in sorted(rows, key=lambda r: (r["scheme"], r["variant"])):
+        cells = [r["variant"], r["scheme"], str(r["runs"]), points(r.get("vs_fp")),
+                 *(f"{100 * r[f'accuracy_{t}']:.1f}" if f"accuracy_{t}" in r else "—" for t in types)]
+        if captions:
+            cells += [f"{r['caption_nll']:.4f}" if "caption_nll" in r else "—",
+                      f"{r['caption_mean_kl']:.2e}" if "caption_mean_kl" in r else "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def differences_table(results: dict) -> list[str]:
+    lines = ["| scheme | b | a | b − a, points [95%] | separated |", "|---|---|---|---|---|"]
+    for d in results.get("differences") or []:
+        separated = "yes" if d["low"] > 0 or d["high"] < 0 else "no"
+        lines.append(f"| {d['scheme']} | {d['b']} | {d['a']} | {points(d)} | {separated} |")
     return lines
 
 
@@ -49,7 +85,8 @@ def write_markdown(results: dict, path: Path, plots: list[Path]) -> None:
         f"{results['eval']['data']} split (fixed subset, seed {results['eval']['subset_seed']}), exact match after "
         f"normalisation, greedy answers, transformers backend (`tlq_vllm.eval`: dequantized checkpoint weights, "
         f"int8 per-token activations for A8 schemes, float32 compute). Calibration: "
-        f"{results['calibration_samples']} easy-vqa *train* samples per run, chosen by the seed "
+        f"{results['calibration_samples']} `{results.get('calibration_data', 'easy-vqa')}` samples per run "
+        "(a split disjoint from the test questions), chosen by the seed "
         f"(seeds {', '.join(map(str, results['seeds']))}); RTN uses no data and runs once.",
         "",
         f"Produced by `{results['command'].strip()}` on {m['cpu']} ({m['threads']} threads), {m['date']}, "
@@ -62,6 +99,16 @@ def write_markdown(results: dict, path: Path, plots: list[Path]) -> None:
         *main_table(results),
         "",
     ]
+    if results.get("differences"):
+        text += ["## Differences from FP, per question type" + (" and on captions" if "caption_nll" in results["fp"]
+                                                                 else ""), "",
+                 "Accuracy points against FP on the same questions (seed-averaged per question), with a paired "
+                 "95% bootstrap interval that resamples the evaluation images (2,000 resamples); per type the "
+                 "mean accuracy %; captions: teacher-forced NLL per token and KL(FP || quantized) on the "
+                 "caption tokens of held-out scenes.", "", *versus_fp_table(results), "",
+                 "## Method differences (paired, same questions)", "",
+                 "Every pair of methods in a scheme: b's accuracy minus a's in points, with its paired 95% "
+                 "bootstrap interval; *separated* when the interval excludes 0.", "", *differences_table(results), ""]
     if ablations:
         text += [f"## TLQ ablations ({ablations[0]['scheme']})", "", *detail_table(base + ablations), ""]
     text += ["## Agreement with the FP model on the answer tokens", "",
@@ -116,7 +163,7 @@ def plot_retained(results: dict, path: Path) -> Path:
     low = min((r["retained_pct"] for r in results["summary"]), default=90)
     ax.set_ylim(max(0, low - 5), 102)
     ax.legend(fontsize=8, ncol=3)
-    ax.set_title("easy-vqa test accuracy retained (mean, ±1 std over seeds)")
+    ax.set_title(f"{results['eval']['data']} accuracy retained (mean, ±1 std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -8,7 +8,7 @@ What it runs, one after another on one machine (never two at once, so they do no
    pixels a side (448: 256 vision tokens per image after Qwen2-VL's 2x2 merge) with their questions
    and answers, written once as a JSONL that both calibrators read, so they get the same samples;
 3. each method as a child process (`python -m tlq_vllm.calibrate ... --log-json`), the peer as
-   `.venv-llmc/bin/python benchmarks/peers/llmcompressor_gptq.py` (skipped, with the reason recorded,
+   `.venv-llmc/bin/python benchmarks/peers/llmcompressor_peer.py` (skipped, with the reason recorded,
    where its venv is missing). Wall time is the child's; peak host RSS is the child's own maximum
    resident set (os.wait4's ru_maxrss, taken from a small interpreter that
    starts it: see RUSAGE_REPORTER); stage times come from the calibrator's JSON log events;
@@ -41,7 +41,7 @@ from tlq_vllm.serve.process import last_line
 REPO = Path(__file__).resolve().parent.parent
 PEER = "llmcompressor-gptq"
 PEER_PYTHON = REPO / ".venv-llmc" / "bin" / "python"
-PEER_SCRIPT = REPO / "benchmarks" / "peers" / "llmcompressor_gptq.py"
+PEER_SCRIPT = REPO / "benchmarks" / "peers" / "llmcompressor_peer.py"
 TEXT_TOKENS = 64  # about a scene sample's text (chat template, question, answer; 66 on average, measured)
 DEFAULT = {"model": "fixture:qwen2-vl-2b-width-4l", "num_samples": 128, "image_size": 448,
            "methods": f"rtn,gptq,tlq,{PEER}", "scheme": "W4A16"}

@@ -163,6 +163,37 @@ def checkpoint_size(model_dir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Statistics
+
+
+def paired_difference_ci(base: Sequence[float], other: Sequence[float], clusters: Sequence[object], *,
+                         resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean of other - base over paired per-question scores, with a percentile bootstrap CI that
+    resamples whole clusters (a scene's questions share one image, so they are not independent
+    draws): {"diff", "low", "high", "clusters"}. Standard library only (seeded `random`)."""
+    import random
+
+    if not (len(base) == len(other) == len(clusters)) or not base:
+        raise ValueError("paired_difference_ci needs equally long, non-empty score lists")
+    sums: dict[object, list[float]] = {}
+    for a, b, c in zip(base, other, clusters, strict=True):
+        entry = sums.setdefault(c, [0.0, 0])
+        entry[0] += b - a
+        entry[1] += 1
+    groups = list(sums.values())
+    rng = random.Random(seed)
+    stats = []
+    for _ in range(resamples):
+        picked = [groups[rng.randrange(len(groups))] for _ in groups]
+        stats.append(sum(g[0] for g in picked) / sum(g[1] for g in picked))
+    stats.sort()
+    tail = (1 - level) / 2
+    return {"diff": sum(g[0] for g in groups) / sum(g[1] for g in groups),
+            "low": stats[int(tail * (resamples - 1))], "high": stats[int(math.ceil((1 - tail) * (resamples - 1)))],
+            "clusters": len(groups)}
+
+
+# --------------------------------------------------------------------------------------------
 # Results files and Markdown
 
 

@@ -114,6 +114,30 @@ def test_quick_accuracy_benchmark_runs_end_to_end_and_writes_well_formed_results
 
 
 @pytest.mark.slow
+def test_quick_scene_benchmark_reports_types_captions_and_paired_intervals(tmp_path):
+    """The testbed's protocol end to end on CI's reduced matrix: per-type accuracy, caption NLL and
+    KL against FP, a paired interval against FP for every row and one for the rtn/tlq pair."""
+    from benchmarks.accuracy import main
+    from tlq_vllm import scenes
+
+    args = ["--data", "scenes", "--quick", "--results-dir", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w")]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "r" / "accuracy.json").read_text())
+    assert results["model"].endswith("toyvlm-scenes") and results["calibration_data"] == "scenes:calibration"
+    assert results["eval"]["questions"] == 64 and len(results["eval"]["clusters"]) == 64
+    assert set(results["eval"]["types"]) <= set(scenes.QA_TYPES) and len(results["fp"]["correct"]) == 64
+    assert results["fp"]["caption_tokens"] > 8 * 10 and results["fp"]["caption_nll"] > 0
+    for r in results["summary"]:
+        assert r["vs_fp"]["low"] <= r["vs_fp"]["diff"] <= r["vs_fp"]["high"]
+        assert abs(r["vs_fp"]["diff"] - (r["mean"] - results["fp"]["accuracy"])) < 1e-9
+        assert r["caption_mean_kl"] >= 0 and {f"accuracy_{t}" for t in results["eval"]["types"]} <= set(r)
+    (pair,) = results["differences"]
+    assert (pair["a"], pair["b"]) == ("rtn", "tlq")
+    md = (tmp_path / "r" / "ACCURACY.md").read_text()
+    assert "## Method differences" in md and "caption NLL" in md
+
+
+@pytest.mark.slow
 def test_endpoint_backend_answers_like_the_transformers_backend(tmp_path):
     """The toy VLM at W4A16 served by `tlq_vllm.serve` (vLLM, tlq plugin) and read by transformers
     give the same greedy answers on nearly every question (bf16 serving vs float32 emulation may

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.peers import llmcompressor_gptq as peer
+from benchmarks.peers import llmcompressor_peer as peer
 
 ROOT = Path(__file__).resolve().parents[1]
 LLMC_PYTHON = ROOT / ".venv-llmc" / "bin" / "python"
@@ -55,6 +55,33 @@ def test_scheme_names_and_formats():
     assert peer.storage_format("W3A16", "auto") == "naive-quantized"
     assert peer.storage_format("W4A16", "auto") is None
     assert peer.storage_format("W3A16", "pack-quantized") == "pack-quantized"
+    assert args.algorithm == "gptq"
+    awq = peer.parse_args(["--model", "m", "--calib-jsonl", "c", "--scheme", "W4A16", "--output", "o", "--algorithm",
+                           "awq"])
+    assert awq.algorithm == "awq"
+    with pytest.raises(SystemExit):
+        peer.parse_args(["--model", "m", "--calib-jsonl", "c", "--scheme", "W4A16", "--output", "o", "--algorithm",
+                         "smoothquant"])
+
+
+def test_awq_mappings_match_only_the_decoder_of_qwen2_vl():
+    """Each AWQ pattern (re: prefix) matches its decoder module of every layer and nothing in the
+    vision tower, whose blocks have their own norms and MLPs."""
+    import re
+
+    from transformers import AutoModelForImageTextToText
+
+    from tlq_vllm.testing import build_fixture
+
+    names = [n for n, _ in AutoModelForImageTextToText.from_pretrained(build_fixture("qwen2-vl")).named_modules()]
+    decoder = [n for n in names if ".language_model.layers." in n and n.endswith(
+        ("input_layernorm", "post_attention_layernorm", "_proj"))]
+    vision = [n for n in names if ".visual." in n]
+    assert len(decoder) == 9 * len({n.split(".layers.")[1].split(".")[0] for n in decoder}) and vision
+    patterns = [p for smooth, balance in peer.AWQ_MAPPINGS for p in (smooth, *balance)]
+    assert all(p.startswith("re:") for p in patterns)
+    matched = {n for n in decoder + vision for p in patterns if re.match(p[3:], n)}
+    assert matched == set(decoder)
 
 
 def test_setup_script_parses():
@@ -64,8 +91,8 @@ def test_setup_script_parses():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(not LLMC_PYTHON.exists(), reason=".venv-llmc absent (bash benchmarks/peers/setup_llmcompressor.sh)")
-@pytest.mark.parametrize("scheme", ["W4A16", "W3A16"])
-def test_peer_checkpoint_loads_in_main_venv(tmp_path, scheme):
+@pytest.mark.parametrize("scheme, algorithm", [("W4A16", "gptq"), ("W3A16", "gptq"), ("W4A16", "awq")])
+def test_peer_checkpoint_loads_in_main_venv(tmp_path, scheme, algorithm):
     """llm-compressor (compressed-tensors 0.19) writes it; transformers 5.19 + compressed-tensors
     0.17 load it dequantized, the decoder weights lie on the grid, the vision tower is untouched."""
     import easy_vqa
@@ -82,8 +109,8 @@ def test_peer_checkpoint_loads_in_main_venv(tmp_path, scheme):
     )
     out = tmp_path / "peer"
     run = subprocess.run(
-        [str(LLMC_PYTHON), str(ROOT / "benchmarks/peers/llmcompressor_gptq.py"), "--model", str(model),
-         "--calib-jsonl", str(calib), "--scheme", scheme, "--output", str(out)],
+        [str(LLMC_PYTHON), str(ROOT / "benchmarks/peers/llmcompressor_peer.py"), "--model", str(model),
+         "--calib-jsonl", str(calib), "--scheme", scheme, "--output", str(out), "--algorithm", algorithm],
         capture_output=True, text=True, timeout=850,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -93,3 +120,4 @@ def test_peer_checkpoint_loads_in_main_venv(tmp_path, scheme):
     assert summary["unquantized_tensors_equal_source"] > 0
     provenance = json.loads((out / "peer_provenance.json").read_text())
     assert provenance["num_samples"] == 4 and provenance["scheme"] == scheme
+    assert provenance["algorithm"] == algorithm

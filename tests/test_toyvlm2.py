@@ -62,6 +62,23 @@ def test_export_writes_the_checkpoint_as_a_model_directory(runs):
         main([*TINY, "--output", str(runs / "x"), "--checkpoint-dir", str(runs / "none"), "--export"])
 
 
+def test_init_from_continues_from_a_saved_model(runs):
+    """--init-from: a run at learning rate 0 starting from the saved model writes the same weights
+    (bf16 -> float32 -> bf16 is exact); its examples start at --first-example; another recipe's
+    directory is refused."""
+    again = [*TINY, "--lr", "0", "--eval-every", "0", "--checkpoint-dir", str(runs / "ck-d"),
+             "--init-from", str(runs / "straight"), "--first-example", "8", "--output", str(runs / "again")]
+    assert main(again) == 0
+    a, b = load_file(runs / "straight" / "model.safetensors"), load_file(runs / "again" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = json.loads((runs / "again" / "training_log.json").read_text())
+    assert (log["init_from"], log["first_example"]) == (str(runs / "straight"), 8)
+    full_recipe = [("toyvlm-scenes" if arg == "toyvlm-scenes-tiny" else arg) for arg in TINY]
+    with pytest.raises(SystemExit, match="--init-from .*do not fit"):
+        main([*full_recipe, "--output", str(runs / "x"), "--checkpoint-dir", str(runs / "ck-e"),
+              "--init-from", str(runs / "straight")])
+
+
 def test_output_is_a_qwen2_vl_directory_transformers_loads(runs):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -23,6 +23,7 @@ BUNDLED_DIR = PACKAGE_DIR / "_bundled"
 USER_FOLDERS = ("serve", "calibrate")
 
 TOYVLM_DIR = PACKAGE_DIR / "assets" / "toyvlm-easyvqa"
+TESTBED_DIR = PACKAGE_DIR / "assets" / "toyvlm-scenes"  # toy VLM v2 (benchmarks/toyvlm2), `--model testbed`
 MODEL_CONFIG_SNAPSHOTS = PACKAGE_DIR / "models" / "config_snapshots"
 
 

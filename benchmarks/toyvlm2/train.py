@@ -67,7 +67,7 @@ RECIPES = {
 ITEM_WEIGHTS = {t: (2 if t == "caption" else 1) for t in scenes.TASK_TYPES}
 CORPUS_SCENES = 2000  # train scenes whose text the tokenizer learns (the vocabulary is closed)
 # What must match for --resume to continue the same run.
-RUN_SETTINGS = ("recipe", "steps", "batch_size", "lr", "warmup", "weight_decay", "seed")
+RUN_SETTINGS = ("recipe", "steps", "batch_size", "lr", "warmup", "weight_decay", "seed", "init_from", "first_example")
 
 
 def scene_corpus() -> list[str]:
@@ -115,18 +115,39 @@ class StepBatches(torch.utils.data.Dataset):
     """Batch of step s for s in [start, stop): a pure function of (seed, s), so DataLoader workers
     can build them in any order and a resumed run sees exactly the batches it would have."""
 
-    def __init__(self, processor, image_token_id: int, batch_size: int, seed: int, start: int, stop: int):
+    def __init__(self, processor, image_token_id: int, batch_size: int, seed: int, start: int, stop: int,
+                 first_example: int = 0):
         self.processor, self.image_token_id = processor, image_token_id
         self.batch_size, self.seed, self.start, self.stop = batch_size, seed, start, stop
+        self.first_example = first_example
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         step = self.start + i
-        first = step * self.batch_size
+        first = self.first_example + step * self.batch_size
         examples = [train_example(n, self.seed) for n in range(first, first + self.batch_size)]
         return encode_examples(self.processor, self.image_token_id, examples)
+
+
+def init_weights(model, directory: Path, tokenizer) -> None:
+    """The weights of a saved toy VLM v2 (bf16, read by transformers) into this fresh float32 model of
+    the same recipe; the tokenizer is rebuilt from the same corpus, so its vocabulary must match."""
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    if not (directory / "config.json").is_file():
+        raise SystemExit(f"error: --init-from {directory}: not a model directory (no config.json)")
+    saved_vocab = json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"]
+    if saved_vocab != json.loads(tokenizer.backend_tokenizer.to_str())["model"]["vocab"]:
+        raise SystemExit(f"error: --init-from {directory}: its tokenizer differs from this recipe's")
+    state = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32).state_dict()
+    mine = model.state_dict()
+    if state.keys() != mine.keys() or any(state[k].shape != mine[k].shape for k in mine):
+        raise SystemExit(f"error: --init-from {directory}: its weights do not fit this recipe's model")
+    model.load_state_dict(state)
 
 
 def one_thread(_worker: int) -> None:
@@ -173,7 +194,8 @@ def save_checkpoint(state: dict, directory: Path) -> None:
 
 def restore(path: Path, model, optimizer, settings: dict) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=False)
-    differ = {k: (state["settings"][k], settings[k]) for k in RUN_SETTINGS if state["settings"][k] != settings[k]}
+    earlier = {"init_from": None, "first_example": 0, **state["settings"]}  # checkpoints from before those settings
+    differ = {k: (earlier[k], settings[k]) for k in RUN_SETTINGS if earlier[k] != settings[k]}
     if differ:
         raise SystemExit("error: --resume: the checkpoint is of a different run ("
                          + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in differ.items()) + f"): {path}")
@@ -206,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, help="stop (checkpointed) after this many seconds")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default 0 on CPU, 8 with CUDA)")
     parser.add_argument("--log-json", help="also write the training log here at every log step")
+    parser.add_argument("--init-from", help="start from this model directory's weights (a committed toy VLM v2: "
+                        "another schedule on top of earlier training, when a GPU session is too short for one run)")
+    parser.add_argument("--first-example", type=int, default=0,
+                        help="train scene of the run's first example (default 0; after --init-from, past the "
+                             "examples the earlier runs saw: their log's examples_seen)")
     parser.add_argument("--export", action="store_true",
                         help="write --output from the checkpoint directory's last.pt and stop (a run stopped before "
                              "its schedule ended: its log says at which step)")
@@ -221,9 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 0)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else cache_root() / "toyvlm2" / recipe.name
     settings = {"recipe": recipe.name, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                "warmup": args.warmup, "weight_decay": args.weight_decay, "seed": args.seed}
+                "warmup": args.warmup, "weight_decay": args.weight_decay, "seed": args.seed,
+                "init_from": str(args.init_from) if args.init_from else None, "first_example": args.first_example}
 
     model, processor = build_model(recipe)
+    if args.init_from:
+        init_weights(model, Path(args.init_from), processor.tokenizer)
     image_token_id = model.config.image_token_id
     optimizer = common.make_optimizer(model, args.lr, args.weight_decay)
     step, history, window, elapsed_before = 0, [], [], 0.0
@@ -265,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                                          elapsed_before + time.time() - started), checkpoint_dir)
 
     stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
-    loader = torch.utils.data.DataLoader(StepBatches(processor, image_token_id, args.batch_size, args.seed, step, stop),
+    loader = torch.utils.data.DataLoader(StepBatches(processor, image_token_id, args.batch_size, args.seed, step, stop,
+                                                     args.first_example),
                                          batch_size=None, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda", worker_init_fn=one_thread,
                                          prefetch_factor=4 if workers else None)

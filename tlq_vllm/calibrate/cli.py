@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"({', '.join(available_recipes())}); flags override it")
     io = p.add_argument_group("what to calibrate")
     io.add_argument(
-        "--model", help=f"HF model id, local directory, toyvlm or fixture:<name> (default {d.model}: the toy VLM)"
+        "--model", help=f"HF model id, local directory, toyvlm, testbed (toy VLM v2, scenes) or fixture:<name> "
+                        f"(default {d.model}: the toy VLM)"
     )
     io.add_argument("--data", help="easy-vqa, scenes:calibration, a .jsonl, a LLaVA .json list, a datasets "
                     f"save_to_disk directory, .parquet or .arrow files, or a directory of them (default {d.data})")

@@ -32,7 +32,7 @@ def score(items: list[VQAItem], predictions: list[str]) -> dict:
     return metrics
 
 
-def evaluate_hf(model_dir, encoded, *, reference: list[torch.Tensor] | None = None,
+def evaluate_hf(model_dir, encoded, *, reference: list[torch.Tensor] | None = None, max_new_tokens: int = 8,
                 progress: bool = True) -> tuple[dict, list[str], list[torch.Tensor]]:
     """Accuracy (and agreement/KL against `reference` log-probs) of a model directory through
     transformers on batches from `hf.encode`; returns (metrics, predictions, answer log-probs)."""
@@ -40,7 +40,7 @@ def evaluate_hf(model_dir, encoded, *, reference: list[torch.Tensor] | None = No
 
     t0 = time.time()
     model, processor = hf.load_model(model_dir)
-    predictions, log_probs = hf.evaluate(model, processor, encoded, progress=progress)
+    predictions, log_probs = hf.evaluate(model, processor, encoded, max_new_tokens=max_new_tokens, progress=progress)
     metrics = score([it for b in encoded for it in b.items], predictions)
     if reference is not None:
         metrics.update(hf.agreement_and_kl(reference, log_probs))

@@ -119,10 +119,21 @@ def encode(processor, items: list[VQAItem], *, batch_size: int = 64, progress: b
 
 
 @torch.inference_mode()
+def answer_log_probs(model, encoded: list[EncodedBatch]) -> list[torch.Tensor]:
+    """Per item, the log-softmax at the positions that predict the reference answer's tokens and
+    the end of turn ([n_answer_tokens, vocab], float32), from one teacher-forced forward a batch."""
+    log_probs = []
+    for batch in encoded:
+        logits = model(**batch.inputs).logits  # [B, T, V]
+        log_probs += [torch.log_softmax(logits[row, -len(ids) - 1 : -1].float(), dim=-1)
+                      for row, ids in enumerate(batch.answer_ids)]
+    return log_probs
+
+
+@torch.inference_mode()
 def evaluate(model, processor, encoded: list[EncodedBatch], *, max_new_tokens: int = 8,
              progress: bool = True) -> tuple[list[str], list[torch.Tensor]]:
-    """Greedy answers and, per item, the log-softmax at the positions that predict the reference
-    answer's tokens and the end of turn ([n_answer_tokens, vocab], float32).
+    """Greedy answers and, per item, `answer_log_probs`.
 
     One teacher-forced forward gives both where the model's argmax reproduces the reference at
     every answer position: greedy decoding then generates exactly the reference. The other items
@@ -130,15 +141,13 @@ def evaluate(model, processor, encoded: list[EncodedBatch], *, max_new_tokens: i
     predictions, log_probs, wrong = [], [], []
     bar = tqdm(total=sum(len(b.items) for b in encoded), desc="evaluate", unit="q", disable=not progress, leave=False)
     for batch in encoded:
-        logits = model(**batch.inputs).logits  # [B, T, V]
-        for row, ids in enumerate(batch.answer_ids):
-            lp = torch.log_softmax(logits[row, -len(ids) - 1 : -1].float(), dim=-1)
+        for item, ids, lp in zip(batch.items, batch.answer_ids, answer_log_probs(model, [batch]), strict=True):
             log_probs.append(lp)
             if lp.argmax(-1).tolist() == ids:
-                predictions.append(batch.items[row].answers[0])
+                predictions.append(item.answers[0])
             else:
                 predictions.append(None)
-                wrong.append((len(predictions) - 1, batch.items[row]))
+                wrong.append((len(predictions) - 1, item))
         bar.update(len(batch.items))
     bar.close()
     for start in range(0, len(wrong), 64):

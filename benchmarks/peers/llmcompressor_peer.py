@@ -1,11 +1,11 @@
-"""PEER baseline for the accuracy benchmark: llm-compressor's GPTQ on a Qwen2-VL model.
+"""PEER baselines for the accuracy benchmark: llm-compressor's GPTQ or AWQ on a Qwen2-VL model.
 
 Runs INSIDE .venv-llmc (benchmarks/peers/setup_llmcompressor.sh), never in .venv: it must not
 import tlq_vllm, whose pins (transformers 5.19, compressed-tensors 0.17) differ from
 llmcompressor 0.14's (transformers <=5.17, compressed-tensors 0.19).
 
-    .venv-llmc/bin/python benchmarks/peers/llmcompressor_gptq.py \
-        --model MODEL_DIR --calib-jsonl calib.jsonl --scheme W4A16 --output OUT_DIR
+    .venv-llmc/bin/python benchmarks/peers/llmcompressor_peer.py \
+        --model MODEL_DIR --calib-jsonl calib.jsonl --scheme W4A16 --output OUT_DIR [--algorithm awq]
 
 What it does, matched to tlq's calibrator so that only the algorithm differs:
 - data: the records of --calib-jsonl (`{"image": path, "question": ..., "answer": ...}`, image
@@ -15,9 +15,12 @@ What it does, matched to tlq's calibrator so that only the algorithm differs:
   token (so the token sequences are the same as tlq's), one sample per batch, no padding.
 - quantized: the decoder's Linear layers. Vision tower + merger (`re:.*visual.*`) and lm_head
   keep their dtype.
-- algorithm: `GPTQModifier` with llm-compressor's defaults (block 128, dampening 0.01, static
-  act-order), run by `oneshot` with the sequential pipeline over the decoder layers (each layer
-  calibrated on the outputs of the already-quantized layers before it).
+- algorithm `gptq` (default): `GPTQModifier` with llm-compressor's defaults (block 128, dampening
+  0.01, static act-order); `awq`: `AWQModifier` (its defaults: duo scaling, a 20-point grid) with
+  the Qwen2 decoder's four mappings scoped to the language model (AWQ_MAPPINGS), then
+  `QuantizationModifier` (RTN onto the same grid as the other methods). Either runs by `oneshot`
+  with the sequential pipeline over the decoder layers (each layer calibrated on the outputs of
+  the already-quantized layers before it).
 - output: compressed-tensors checkpoint (`save_compressed=True`) + processor, written to a
   temporary directory beside --output and renamed into place only when complete;
   `peer_provenance.json` records versions, scheme and arguments.
@@ -38,6 +41,18 @@ import time
 from pathlib import Path
 
 SCHEMES = ("W4A16", "W8A8", "W4A8", "W3A16")
+ALGORITHMS = ("gptq", "awq")
+# AWQ's (smooth layer, balance layers) pairs for the Qwen2 decoder of Qwen2-VL: llm-compressor 0.14
+# has none registered for Qwen2VLForConditionalGeneration; these are its Qwen2.5-VL ones, every
+# pattern scoped to the language model so that no vision-tower module can match.
+DECODER = r"re:.*language_model\.layers\.\d+\."
+AWQ_MAPPINGS = [
+    (DECODER + "input_layernorm$", [DECODER + "self_attn\\.q_proj$", DECODER + "self_attn\\.k_proj$",
+                                      DECODER + "self_attn\\.v_proj$"]),
+    (DECODER + "self_attn\\.v_proj$", [DECODER + "self_attn\\.o_proj$"]),
+    (DECODER + "post_attention_layernorm$", [DECODER + "mlp\\.gate_proj$", DECODER + "mlp\\.up_proj$"]),
+    (DECODER + "mlp\\.up_proj$", [DECODER + "mlp\\.down_proj$"]),
+]
 IGNORE = ["lm_head", "re:.*visual.*"]  # patterns, not names: they survive module renames
 FORMATS = ("pack-quantized", "naive-quantized", "int-quantized")
 
@@ -65,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scheme", required=True, type=str.upper, choices=SCHEMES)
     p.add_argument("--output", required=True, type=Path, help="output checkpoint directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--algorithm", default="gptq", choices=ALGORITHMS, help="llm-compressor's GPTQ or AWQ")
     p.add_argument(
         "--format",
         default="auto",
@@ -209,6 +225,36 @@ def check_group_size(model, group_size: int | None) -> None:
 # ----------------------------------------------------------------------------------------- run
 
 
+def make_recipe(algorithm: str, scheme) -> tuple[list, dict]:
+    """llm-compressor modifiers for the algorithm at `scheme`, and what provenance records of them."""
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    quantize = {"targets": "Linear", "config_groups": {"group_0": scheme}, "ignore": list(IGNORE)}
+    if algorithm == "gptq":
+        gptq = GPTQModifier(**quantize)
+        return [gptq], {"modifier": "GPTQModifier", "targets": "Linear", "ignore": IGNORE,
+                        "block_size": gptq.block_size, "dampening_frac": gptq.dampening_frac,
+                        "actorder": str(getattr(gptq.actorder, "value", gptq.actorder))}
+    from llmcompressor.modifiers.transform.awq import AWQMapping, AWQModifier
+
+    skip_pinning_without_cuda()
+    awq = AWQModifier(mappings=[AWQMapping(smooth, balance) for smooth, balance in AWQ_MAPPINGS])
+    return [awq, QuantizationModifier(**quantize)], {
+        "modifiers": ["AWQModifier", "QuantizationModifier"], "targets": "Linear", "ignore": IGNORE,
+        "mappings": AWQ_MAPPINGS, "duo_scaling": awq.duo_scaling, "n_grid": awq.n_grid}
+
+
+def skip_pinning_without_cuda() -> None:
+    """llm-compressor 0.14's AWQ pins its cached layer inputs (page-locked memory, for faster copies
+    to a GPU) whatever the device, and pinning needs a CUDA driver: on a CPU-only machine it fails
+    with "Found no NVIDIA driver". There the inputs never leave host memory, so pinning is a no-op."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.cuda.is_available():
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+
+
 def decoder_layer_class(model) -> str:
     """The class name of the language model's decoder layers (the sequential targets)."""
     for name, module in model.named_modules():
@@ -224,7 +270,6 @@ def run(args: argparse.Namespace) -> Path:
     import torch
     import transformers
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     output = args.output.resolve()
@@ -252,12 +297,12 @@ def run(args: argparse.Namespace) -> Path:
     n_tokens = sum(int(s["input_ids"].numel()) for s in samples)
     layer_cls = decoder_layer_class(model)
     print(
-        f"peer: llmcompressor {llmcompressor.__version__} GPTQ {args.scheme} on {args.model} "
+        f"peer: llmcompressor {llmcompressor.__version__} {args.algorithm.upper()} {args.scheme} on {args.model} "
         f"({len(samples)} samples, {n_tokens} tokens, sequential targets {layer_cls})",
         file=sys.stderr,
     )
 
-    recipe = GPTQModifier(targets="Linear", config_groups={"group_0": scheme}, ignore=list(IGNORE))
+    recipe, described = make_recipe(args.algorithm, scheme)
     oneshot(
         model=model,
         processor=processor,
@@ -279,7 +324,8 @@ def run(args: argparse.Namespace) -> Path:
         processor.save_pretrained(staging)
         check_saved_config(staging)
         provenance = {
-            "peer": "llm-compressor GPTQ",
+            "peer": f"llm-compressor {args.algorithm.upper()}",
+            "algorithm": args.algorithm,
             "scheme": args.scheme,
             "model": str(args.model.resolve()),
             "calib_jsonl": str(args.calib_jsonl.resolve()),
@@ -288,9 +334,7 @@ def run(args: argparse.Namespace) -> Path:
             "seed": args.seed,
             "max_pixels": args.max_pixels,
             "format": json.loads((staging / "config.json").read_text())["quantization_config"]["format"],
-            "recipe": {"modifier": "GPTQModifier", "targets": "Linear", "ignore": IGNORE,
-                       "block_size": recipe.block_size, "dampening_frac": recipe.dampening_frac,
-                       "actorder": str(getattr(recipe.actorder, "value", recipe.actorder))},
+            "recipe": described,
             "pipeline": {"name": "sequential", "sequential_targets": [layer_cls]},
             "versions": {"llmcompressor": llmcompressor.__version__,
                          "compressed_tensors": compressed_tensors.__version__,
