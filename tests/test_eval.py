@@ -164,3 +164,25 @@ def test_endpoint_backend_answers_like_the_transformers_backend(tmp_path):
     assert agree >= 0.9, list(zip(served, expected, strict=True))
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["metrics"]["questions"] == 16 and len(result["predictions"]) == 16
+
+
+def test_encoded_batches_keep_one_copy_of_each_image_and_rebuild_the_processor_inputs():
+    """Scene questions share images: encode keeps each image's patch rows once, and a batch's
+    `inputs` equals what the processor gives for the batch (pixel values bit for bit)."""
+    from transformers import AutoProcessor
+
+    from tlq_vllm.eval import hf
+    from tlq_vllm.paths import TESTBED_DIR
+
+    items = load_items("scenes")[:21]  # 3 scenes, 7 questions each
+    processor = AutoProcessor.from_pretrained(TESTBED_DIR)
+    processor.tokenizer.padding_side = "left"
+    encoded = hf.encode(processor, items, batch_size=8, progress=False)
+    patches = [p for b in encoded for p in b.patches]
+    assert len({p.data_ptr() for p in patches}) == 3 and len(patches) == 21
+    batch = encoded[1]
+    texts = [p + it.answers[0] + processor.tokenizer.eos_token
+             for p, it in zip(hf._prompts(processor, batch.items), batch.items, strict=True)]
+    direct = processor(text=texts, images=hf._images(batch.items), padding=True, return_tensors="pt")
+    assert batch.inputs.keys() == dict(direct).keys()
+    assert all(torch.equal(batch.inputs[k], direct[k]) for k in direct)

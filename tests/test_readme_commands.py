@@ -40,6 +40,8 @@ COMMANDS = {
     "serve/cpu.sh out/toyvlm-tlq-w4a16 --port 8000": "test_launch_script_serves_on_port_8000",
     "serve/launch.sh 1x3090 /models/qwen2-vl-7b-w4a16": "not here: one CUDA GPU and a 7B checkpoint",
     "make bench-accuracy": "not here as a test: a benchmark (about 30 min); its quick matrix is tests/test_eval.py",
+    'make bench-accuracy ARGS="--data scenes"': "not here as a test: a benchmark (hours on 2 cores); its quick "
+    "matrix is tests/test_eval.py::test_quick_scene_benchmark_reports_types_captions_and_paired_intervals",
     "make bench-serving": "not here as a test: a benchmark; its --quick run is tests/test_serving_bench.py",
     "make bench-kernels": "not here as a test: a benchmark; a reduced CPU run is tests/test_kernels_bench.py",
     "make bench-calibration": "not here as a test: a benchmark (tens of minutes); its --quick run is "

@@ -118,6 +118,12 @@ def card_text(log: dict, card: dict) -> str:
                               "met in the mean, not at the interval's edge." if lost >= goal else "**not met**."))
     finished = ("the schedule ran to its end" if log.get("schedule_finished", True)
                 else "**the schedule was cut short**")
+    earlier = log.get("earlier_runs") or []
+    if earlier:
+        finished += (f"; it continued {len(earlier)} earlier run(s) of "
+                     f"{sum(r.get('examples_seen') or 0 for r in earlier):,} examples in all (`--init-from`: "
+                     "`earlier_runs` in `training_log.json`), so the model has seen "
+                     f"{log['examples_seen'] + sum(r.get('examples_seen') or 0 for r in earlier):,}")
     examples = "\n".join(f"- reference: {e['reference']}\n  generated: {e['generated']}"
                          for e in fp["caption_examples"])
     return f"""---
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             "isa_flags": facts["isa_flags"], "questions": len(items), "vision_share": statistics.fmean(vision),
             "questions_per_type": Counter(it.type for it in items), "baselines": baselines(items),
             "fp": {k: v for k, v in fp.items() if k not in ("scores", "caption_log_probs")}, "rtn": []}
-    work = Path(tempfile.mkdtemp(prefix="toyvlm2-card-"))
+    work = Path(tempfile.mkdtemp(prefix="tlq-testbed-card-"))
     try:
         for scheme in [s.strip().upper() for s in args.schemes.split(",") if s.strip()]:
             checkpoint = rtn_checkpoint(model, scheme, work / f"rtn-{scheme}")

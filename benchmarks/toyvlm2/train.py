@@ -150,6 +150,20 @@ def init_weights(model, directory: Path, tokenizer) -> None:
     model.load_state_dict(state)
 
 
+def earlier_training(directory: Path) -> list[dict]:
+    """What trained the --init-from model, run by run (oldest first), for the new run's log."""
+    log_path = directory / "training_log.json"
+    if not log_path.is_file():
+        return [{"init_from": str(directory), "note": "no training_log.json"}]
+    log = json.loads(log_path.read_text())
+    losses = [r["loss"] for r in log["history"] if "loss" in r]
+    held = [r["validation"] for r in log["history"] if "validation" in r]
+    return [*log.get("earlier_runs", []),
+            {k: log.get(k) for k in ("recipe", "steps", "batch_size", "lr", "warmup", "seed", "first_example",
+                                     "examples_seen", "wall_s", "gpu", "torch")}
+            | {"final_loss": losses[-1] if losses else None, "final_validation": held[-1] if held else None}]
+
+
 def one_thread(_worker: int) -> None:
     """DataLoader workers build batches side by side: one torch thread each, not a core each."""
     torch.set_num_threads(1)
@@ -252,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                 "init_from": str(args.init_from) if args.init_from else None, "first_example": args.first_example}
 
     model, processor = build_model(recipe)
+    earlier_runs = []
     if args.init_from:
         init_weights(model, Path(args.init_from), processor.tokenizer)
+        earlier_runs = earlier_training(Path(args.init_from))
     image_token_id = model.config.image_token_id
     optimizer = common.make_optimizer(model, args.lr, args.weight_decay)
     step, history, window, elapsed_before = 0, [], [], 0.0
@@ -285,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                 "wall_s": round(elapsed_before + time.time() - started, 1), "device": str(device),
                 "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                 "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                "torch": torch.__version__, "item_weights": ITEM_WEIGHTS, "history": history}
+                "torch": torch.__version__, "item_weights": ITEM_WEIGHTS, "earlier_runs": earlier_runs,
+                "history": history}
 
     if args.export:
         return export(model, processor, log_record(), Path(args.output), recipe.name)
