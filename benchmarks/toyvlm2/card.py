@@ -124,6 +124,7 @@ def card_text(log: dict, card: dict) -> str:
                      f"{sum(r.get('examples_seen') or 0 for r in earlier):,} examples in all (`--init-from`: "
                      "`earlier_runs` in `training_log.json`), so the model has seen "
                      f"{log['examples_seen'] + sum(r.get('examples_seen') or 0 for r in earlier):,}")
+    machine = f"{card['machine']} {common.describe_isa(card.get('isa_flags'))}"
     examples = "\n".join(f"- reference: {e['reference']}\n  generated: {e['generated']}"
                          for e in fp["caption_examples"])
     return f"""---
@@ -163,7 +164,7 @@ model is limited by its training compute (one device command, about 12 minutes),
 ## FP accuracy (test split: {card['questions']:,} questions on {card['questions'] // len(types)} scenes)
 
 Exact match after normalisation, greedy decoding, `python -m tlq_vllm.eval --model <this dir> --data scenes`:
-**{pct(fp['questions']['accuracy'])}%** (evaluated {card['date']} on {card['machine']}).
+**{pct(fp['questions']['accuracy'])}%** (evaluated {card['date']} on {machine}).
 
 {common.markdown_table(["type", "questions", "accuracy %", "chance %", "majority %"], type_rows)}
 
@@ -184,7 +185,8 @@ Greedy captions: {pct(cap['caption_exact'])}% exactly right; objects (each "a <s
 
 Accuracy on the same {card['questions']:,} test questions; difference from FP in points with its paired 95%
 bootstrap interval over scenes; per type the difference alone; caption NLL per token, KL(FP || RTN) on the
-caption tokens and object F1 of greedy captions. `python -m benchmarks.toyvlm2.card`, {card['date']}.
+caption tokens and object F1 of greedy captions. `python -m benchmarks.toyvlm2.card`, {card['date']}, on
+{machine}; RTN is deterministic: one run a scheme.
 
 {common.markdown_table(["scheme", "accuracy %", "vs FP, points [95%]", *types, "caption NLL", "caption KL",
                         "object F1 %"], [("FP", pct(fp['questions']['accuracy']), "", *("" for _ in types),
