@@ -72,6 +72,11 @@ def detail_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def calibration_label(data: str) -> str:
+    """easy-vqa calibrates on its train split; other sets are named as `--data` names them."""
+    return "easy-vqa *train*" if data == "easy-vqa" else f"`{data}`"
+
+
 def write_markdown(results: dict, path: Path, plots: list[Path]) -> None:
     m = results["machine"]
     ablations = [r for r in results["summary"] if r["variant"].startswith("tlq:")]
@@ -85,11 +90,12 @@ def write_markdown(results: dict, path: Path, plots: list[Path]) -> None:
         f"{results['eval']['data']} split (fixed subset, seed {results['eval']['subset_seed']}), exact match after "
         f"normalisation, greedy answers, transformers backend (`tlq_vllm.eval`: dequantized checkpoint weights, "
         f"int8 per-token activations for A8 schemes, float32 compute). Calibration: "
-        f"{results['calibration_samples']} `{results.get('calibration_data', 'easy-vqa')}` samples per run "
-        "(a split disjoint from the test questions), chosen by the seed "
+        f"{results['calibration_samples']} {calibration_label(results.get('calibration_data', 'easy-vqa'))} "
+        "samples per run (a split disjoint from the test questions), chosen by the seed "
         f"(seeds {', '.join(map(str, results['seeds']))}); RTN uses no data and runs once.",
         "",
-        f"Produced by `{results['command'].strip()}` on {m['cpu']} ({m['threads']} threads), {m['date']}, "
+        f"Produced by `{results['command'].strip()}` on {m['cpu']} {common.describe_isa(m.get('isa_flags'))} "
+        f"({m['threads']} threads), {m['date']}, "
         f"torch {m['torch']}; {results['wall_s'] / 60:.1f} min. Raw numbers: `accuracy.json`.",
         "",
         f"FP accuracy: **{100 * results['fp']['accuracy']:.2f}%**.",
