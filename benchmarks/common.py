@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import random
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -171,8 +172,6 @@ def paired_difference_ci(base: Sequence[float], other: Sequence[float], clusters
     """Mean of other - base over paired per-question scores, with a percentile bootstrap CI that
     resamples whole clusters (a scene's questions share one image, so they are not independent
     draws): {"diff", "low", "high", "clusters"}. Standard library only (seeded `random`)."""
-    import random
-
     if not (len(base) == len(other) == len(clusters)) or not base:
         raise ValueError("paired_difference_ci needs equally long, non-empty score lists")
     sums: dict[object, list[float]] = {}

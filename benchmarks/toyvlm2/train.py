@@ -134,8 +134,6 @@ class StepBatches(torch.utils.data.Dataset):
 def init_weights(model, directory: Path, tokenizer) -> None:
     """The weights of a saved toy VLM v2 (bf16, read by transformers) into this fresh float32 model of
     the same recipe; the tokenizer is rebuilt from the same corpus, so its vocabulary must match."""
-    import json
-
     from transformers import AutoModelForImageTextToText
 
     if not (directory / "config.json").is_file():
@@ -287,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 group[k] = v.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     validation = []
-    if args.eval_every:
+    if args.eval_every and not args.export:  # --export trains nothing, so validates nothing
         examples = [validation_example(v) for v in range(args.eval_examples)]
         for i in range(0, len(examples), args.batch_size):
             chunk = examples[i : i + args.batch_size]
