@@ -56,12 +56,16 @@ class Dataset:
     eval_data: str  # `tlq_vllm.eval.load_items` name (a test split)
     calibration_data: str  # `tlq_vllm.calibrate.data.load_records` name (a split disjoint from the test)
     default_limit: int | None  # test questions when --eval-limit is not given (None: all)
-    caption_scenes: int = 0  # teacher-forced captions of this many test scenes (scenes only)
+    caption_scenes: int = 0  # teacher-forced captions of this many evaluation scenes (scenes only)
+    split: str = "test"  # the split eval_data and the captions come from
 
-
+# `scenes-validation` is where knobs are chosen (e.g. `--ablations shaping`): the same protocol on the
+# validation scenes, so the test split is only ever used to report.
 DATASETS = {
     "easy-vqa": Dataset(TOYVLM, "easy-vqa", "easy-vqa", 1000),
     "scenes": Dataset(TESTBED_DIR, "scenes", "scenes:calibration", None, caption_scenes=500),
+    "scenes-validation": Dataset(TESTBED_DIR, "scenes:validation", "scenes:calibration", None, caption_scenes=500,
+                                 split="validation"),
 }
 
 
@@ -97,6 +101,16 @@ ABLATIONS = [
     Variant("tlq: beta=0", "tlq", {"beta": 0.0}),
     Variant("tlq: beta=1", "tlq", {"beta": 1.0}),
 ]
+# The opt-in token-weight shaping of docs/method.md 4a, each against the default tlq row (issue 15):
+# to be chosen on scenes-validation, never on the test split.
+SHAPING = [
+    Variant("tlq: importance-power 0.5", "tlq", {"importance_power": 0.5}),
+    Variant("tlq: importance-power 0.25", "tlq", {"importance_power": 0.25}),
+    Variant("tlq: importance-power 0 (equal weights)", "tlq", {"importance_power": 0.0}),
+    Variant("tlq: weight-shrinkage 0.5", "tlq", {"weight_shrinkage": 0.5}),
+    Variant("tlq: per-sample weights", "tlq", {"per_sample_weights": True}),
+]
+ABLATION_SETS = {"components": ABLATIONS, "shaping": SHAPING}
 PEERS = [Variant("llm-compressor gptq", "gptq", peer="gptq"), Variant("llm-compressor awq", "gptq", peer="awq")]
 
 
@@ -161,12 +175,12 @@ def plan(args) -> list[tuple[Variant, str, int]]:
         if args.peer and scheme in args.peer_schemes:
             runs += [(peer, scheme, s) for peer in PEERS for s in args.seeds]
     if args.ablation_scheme:
-        runs += [(v, args.ablation_scheme, s) for v in ABLATIONS for s in args.seeds]
+        runs += [(v, args.ablation_scheme, s) for v in ABLATION_SETS[args.ablations] for s in args.seeds]
     return runs
 
 
 def encode_eval_set(model: str, limit: int | None, dataset: Dataset = DATASETS["easy-vqa"]):
-    """(test items, their encoded batches, encoded caption batches or None)."""
+    """(evaluation items, their encoded batches, encoded caption batches or None)."""
     from transformers import AutoProcessor
 
     from tlq_vllm.eval import hf, load_items
@@ -175,7 +189,7 @@ def encode_eval_set(model: str, limit: int | None, dataset: Dataset = DATASETS["
     items = load_items(dataset.eval_data, limit=limit, seed=0)
     processor = AutoProcessor.from_pretrained(model)
     processor.tokenizer.padding_side = "left"
-    captions = (hf.encode(processor, caption_items("test", dataset.caption_scenes), progress=False)
+    captions = (hf.encode(processor, caption_items(dataset.split, dataset.caption_scenes), progress=False)
                 if dataset.caption_scenes else None)
     return items, hf.encode(processor, items, progress=False), captions
 
@@ -210,7 +224,7 @@ def run_matrix(args) -> dict:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     items, encoded, captions = encode_eval_set(model, args.eval_limit, args.dataset)
-    print(f"accuracy benchmark: {model}; {len(items)} {args.data} test questions"
+    print(f"accuracy benchmark: {model}; {len(items)} {args.data} {args.dataset.split} questions"
           + (f" and {args.dataset.caption_scenes} captions" if captions else "") + "; calibration: "
           f"{args.num_samples} {args.dataset.calibration_data} samples per run; {args.jobs} worker(s)", flush=True)
     fp, fp_predictions, fp_log_probs = evaluate_hf(model, encoded, progress=False)
@@ -243,7 +257,8 @@ def run_matrix(args) -> dict:
     for r in runs:
         r.pop("importance", None)
     results = {"model": model, "machine": machine(),
-               "eval": {"data": f"{args.data} test", "questions": len(items), "subset_seed": 0,
+               "eval": {"data": f"{args.dataset.eval_data.partition(':')[0]} {args.dataset.split}",
+                        "questions": len(items), "subset_seed": 0,
                         "types": sorted({it.type for it in items if it.type}),
                         "clusters": [str(it.image) for it in items]},
                "calibration_data": args.dataset.calibration_data, "calibration_samples": args.num_samples,
@@ -369,31 +384,36 @@ def aggregate(results: dict) -> list[dict]:
 
 
 def differences(results: dict) -> list[dict]:
-    """Every pair of (non-ablation) variants within a scheme: mean accuracy of b minus a on the same
-    questions, seed-averaged per question, with its paired 95% bootstrap interval over images."""
+    """Every pair of (non-ablation) variants within a scheme, and every ablation against the default
+    tlq row of its scheme: mean accuracy of b minus a on the same questions, seed-averaged per
+    question, with its paired 95% bootstrap interval over images."""
     clusters = results["eval"].get("clusters")
     if not clusters:
         return []
     by_cell: dict[tuple[str, str], list[dict]] = {}
     for r in results["runs"]:
-        if "error" not in r and not r["variant"].startswith("tlq:"):
+        if "error" not in r:
             by_cell.setdefault((r["scheme"], r["variant"]), []).append(r)
     rows = []
     for scheme in dict.fromkeys(k[0] for k in by_cell):
-        variants = [v for (s, v) in by_cell if s == scheme]
-        scores = {v: question_scores(by_cell[(scheme, v)]) for v in variants}
-        for i, a in enumerate(variants):
-            for b in variants[i + 1 :]:
-                if scores[a] is not None and scores[b] is not None:
-                    rows.append({"scheme": scheme, "a": a, "b": b,
-                                 **common.paired_difference_ci(scores[a], scores[b], clusters)})
+        variants = [v for (s, v) in by_cell if s == scheme and not v.startswith("tlq:")]
+        ablations = [v for (s, v) in by_cell if s == scheme and v.startswith("tlq:")]
+        pairs = [(a, b) for i, a in enumerate(variants) for b in variants[i + 1 :]]
+        pairs += [("tlq", b) for b in ablations if "tlq" in variants]
+        scores = {v: question_scores(by_cell[(scheme, v)]) for v in variants + ablations}
+        for a, b in pairs:
+            if scores[a] is not None and scores[b] is not None:
+                rows.append({"scheme": scheme, "a": a, "b": b,
+                             **common.paired_difference_ci(scores[a], scores[b], clusters)})
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="easy-vqa", choices=sorted(DATASETS),
-                        help="easy-vqa (the toy VLM) or scenes (the testbed: toy VLM v2; default easy-vqa)")
+                        help="easy-vqa (the toy VLM), scenes (the testbed: toy VLM v2, test split) or "
+                             "scenes-validation (the same on the validation split, for choosing knobs); "
+                             "default easy-vqa")
     parser.add_argument("--model", help="FP model directory (default: the --data set's toy VLM)")
     parser.add_argument("--schemes", default="W4A16,W3A16,W4A8,W8A8")
     parser.add_argument("--methods", default="rtn,gptq,mbq,smoothquant,tlq")
@@ -403,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="fixed subset of the test questions (0 = all; default: easy-vqa 1000 of 9,673, "
                              "scenes all 3,500)")
     parser.add_argument("--ablation-scheme", default="W4A16", help="scheme of the TLQ ablations ('' = none)")
+    parser.add_argument("--ablations", default="components", choices=sorted(ABLATION_SETS),
+                        help="components: exposure, token selection, modality level, beta (default); shaping: "
+                             "the token-weight shaping knobs (choose them with --data scenes-validation)")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
                         help="llm-compressor GPTQ rows (default: when .venv-llmc exists)")
     parser.add_argument("--peer-schemes", default="W4A16,W8A8")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.accuracy import ABLATIONS, METHOD_VARIANTS, plan, summarize
+from benchmarks.accuracy import ABLATIONS, METHOD_VARIANTS, SHAPING, differences, plan, summarize
 from tlq_vllm.calibrate.data import DataError
 from tlq_vllm.eval import load_items, normalize_answer, vqa_score
 from tlq_vllm.eval.hf import add_activation_quantization, agreement_and_kl
@@ -85,7 +85,7 @@ def test_summarize_reports_mean_sample_std_and_percent_retained():
 def test_plan_runs_rtn_once_smoothquant_only_for_a8_and_ablations_on_their_scheme():
     class Args:
         schemes, methods, seeds = ["W4A16", "W8A8"], list(METHOD_VARIANTS), [0, 1, 2]
-        peer, peer_schemes, ablation_scheme = False, [], "W4A16"
+        peer, peer_schemes, ablation_scheme, ablations = False, [], "W4A16", "components"
 
     runs = plan(Args)
     labels = [(v.label, scheme, seed) for v, scheme, seed in runs]
@@ -94,6 +94,24 @@ def test_plan_runs_rtn_once_smoothquant_only_for_a8_and_ablations_on_their_schem
     assert [x[2] for x in labels if x[0] == "smoothquant"] == [0, 1, 2]  # it fits its smoothing on data: every seed
     assert len([x for x in labels if x[0].startswith("tlq:")]) == 3 * len(ABLATIONS)
     assert len(labels) == len(set(labels))
+    Args.ablations = "shaping"
+    shaping = [(v.label, scheme) for v, scheme, _ in plan(Args) if v.label.startswith("tlq:")]
+    assert shaping == [(v.label, "W4A16") for v in SHAPING for _ in range(3)]
+
+
+def test_differences_pair_methods_and_each_ablation_with_the_default_tlq_row():
+    """Methods pair with each other; an ablation pairs only with tlq of its scheme; each difference is
+    b's seed-averaged accuracy minus a's on the same questions (4 questions on 2 images here)."""
+    def run(variant, correct, seed=0):
+        return {"variant": variant, "scheme": "W2A16", "seed": seed, "correct": correct}
+
+    results = {"eval": {"clusters": ["a.png", "a.png", "b.png", "b.png"]},
+               "runs": [run("rtn", "0001"), run("gptq", "1101"), run("tlq", "1100"), run("tlq", "1110", 1),
+                        run("tlq: per-sample weights", "1111"), {"variant": "mbq", "scheme": "W2A16", "error": "x"}]}
+    rows = {(d["a"], d["b"]): d for d in differences(results)}
+    assert set(rows) == {("rtn", "gptq"), ("rtn", "tlq"), ("gptq", "tlq"), ("tlq", "tlq: per-sample weights")}
+    assert rows[("gptq", "tlq")]["diff"] == pytest.approx((2.5 - 3) / 4)  # tlq: 1, 1, 0.5, 0 a question
+    assert rows[("tlq", "tlq: per-sample weights")]["diff"] == pytest.approx((4 - 2.5) / 4)
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from tlq_vllm.testing import FIXTURES, build_fixture
 EXPECTED_FORMAT = {
     "W4A16": "pack-quantized",
     "W3A16": "pack-quantized",
+    "W2A16": "pack-quantized",
     "W8A16": "pack-quantized",
     "W8A8": "int-quantized",
     "W4A8": "int-quantized",

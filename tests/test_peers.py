@@ -50,11 +50,14 @@ def test_scheme_names_and_formats():
     args = peer.parse_args(["--model", "m", "--calib-jsonl", "c", "--scheme", "w4a16", "--output", "o"])
     assert args.scheme == "W4A16"
     with pytest.raises(SystemExit):
-        peer.parse_args(["--model", "m", "--calib-jsonl", "c", "--scheme", "W2A16", "--output", "o"])
+        peer.parse_args(["--model", "m", "--calib-jsonl", "c", "--scheme", "W8A16", "--output", "o"])
     # 3-bit packing differs between compressed-tensors 0.19 (dense) and 0.17 (10 per int32)
     assert peer.storage_format("W3A16", "auto") == "naive-quantized"
     assert peer.storage_format("W4A16", "auto") is None
     assert peer.storage_format("W3A16", "pack-quantized") == "pack-quantized"
+    # W2A16 is tlq's group-64 grid, not compressed-tensors 0.19's group-128 preset of that name
+    w2 = peer.make_scheme("W2A16").weights
+    assert (w2.num_bits, w2.group_size, w2.symmetric) == (2, 64, True)
     assert args.algorithm == "gptq"
     awq = peer.parse_args(["--model", "m", "--calib-jsonl", "c", "--scheme", "W4A16", "--output", "o", "--algorithm",
                            "awq"])
@@ -91,7 +94,8 @@ def test_setup_script_parses():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(not LLMC_PYTHON.exists(), reason=".venv-llmc absent (bash benchmarks/peers/setup_llmcompressor.sh)")
-@pytest.mark.parametrize("scheme, algorithm", [("W4A16", "gptq"), ("W3A16", "gptq"), ("W4A16", "awq")])
+@pytest.mark.parametrize("scheme, algorithm",
+                         [("W4A16", "gptq"), ("W3A16", "gptq"), ("W2A16", "gptq"), ("W4A16", "awq")])
 def test_peer_checkpoint_loads_in_main_venv(tmp_path, scheme, algorithm):
     """llm-compressor (compressed-tensors 0.19) writes it; transformers 5.19 + compressed-tensors
     0.17 load it dequantized, the decoder weights lie on the grid, the vision tower is untouched."""

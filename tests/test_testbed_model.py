@@ -114,20 +114,23 @@ def test_paired_bootstrap_resamples_whole_clusters():
 
 @pytest.mark.slow
 def test_card_script_writes_the_card_from_what_it_measured(tmp_path):
-    """The card script on a copy of the testbed, 14 questions, 4 captions, RTN W4A16: its README
-    quotes the numbers card.json holds."""
+    """The card script on a copy of the testbed, 14 questions, 4 captions, RTN W4A16 and W2A16: its
+    README quotes the numbers card.json holds."""
     import shutil
 
     from benchmarks.toyvlm2.card import main
 
     model = shutil.copytree(TESTBED_DIR, tmp_path / "model")
     (model / "README.md").unlink()
-    assert main(["--model", str(model), "--limit", "14", "--caption-scenes", "4", "--schemes", "W4A16"]) == 0
+    assert main(["--model", str(model), "--limit", "14", "--caption-scenes", "4", "--schemes", "W4A16,W2A16"]) == 0
     card = json.loads((model / "card.json").read_text())
     assert card["questions"] == 14 and card["fp"]["captions"]["captions"] == 4
-    (row,) = card["rtn"]
-    low, diff, high = (row["difference"][k] for k in ("low", "diff", "high"))
-    assert row["scheme"] == "W4A16" and low <= diff <= high
+    assert [row["scheme"] for row in card["rtn"]] == ["W4A16", "W2A16"]
+    for row in card["rtn"]:
+        low, diff, high = (row["difference"][k] for k in ("low", "diff", "high"))
+        assert low <= diff <= high
     text = (model / "README.md").read_text()
     assert f"**{100 * card['fp']['questions']['accuracy']:.1f}%**" in text and "| W4A16 |" in text
+    w2 = card["rtn"][1]["difference"]
+    assert f"RTN W2A16 (group 64, the stress setting) loses {-100 * w2['diff']:.1f} points" in text
     assert main(["--model", str(tmp_path)]) == 2  # not a model directory: one error line, exit 2

@@ -36,21 +36,21 @@ def test_detection_of_tlq_checkpoints():
         TLQConfig.override_quantization_method(plain, "tlq")
 
 
-@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_packed_dequantization_equals_the_calibrators_weights(bits):
     """compressed-tensors' packing, then the plugin's unpack + scales = the calibrator's dequantize."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     from tlq_vllm.vllm_plugin.packed_wna16 import dequantize_packed
 
-    scheme = {3: SCHEMES["W3A16"], 4: SCHEMES["W4A16"], 8: SCHEMES["W8A16"]}[bits]
+    scheme = {2: SCHEMES["W2A16"], 3: SCHEMES["W3A16"], 4: SCHEMES["W4A16"], 8: SCHEMES["W8A16"]}[bits]
     torch.manual_seed(bits)
     weight = torch.randn(96, 384)
     scales = compute_scales(weight, scheme, scale_dtype=torch.bfloat16)
     q = quantize(weight, scales, scheme)
     packed = pack_to_int32(q, bits)  # [96, ceil(384 / (32 // bits))] int32
     assert packed.shape == (96, -(-384 // (32 // bits)))
-    got = dequantize_packed(packed, scales.to(torch.bfloat16), bits, 128, 384, torch.bfloat16)
+    got = dequantize_packed(packed, scales.to(torch.bfloat16), bits, scheme.group_size, 384, torch.bfloat16)
     assert torch.equal(got, dequantize(q, scales, scheme, torch.bfloat16))
 
 
@@ -109,6 +109,7 @@ def test_cpu_kernel_env_is_checked(monkeypatch):
 
 
 @pytest.mark.parametrize("bits, group, expected", [
+    (2, 64, {"torch-int8"}),
     (3, 128, {"torch-int8"}),
     (4, 128, {"torch-int8"}),
     (8, 128, {"vllm", "torch-int4", "torch-int8"}),  # the W8A16 preset: dequantize-once, and why
@@ -238,10 +239,10 @@ def dequantize_reference(rtn_checkpoint, sample_image):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["vllm", "torch-int4"])
-@pytest.mark.parametrize("scheme", ["W4A16", "W3A16"])
+@pytest.mark.parametrize("scheme", ["W4A16", "W3A16", "W2A16"])
 def test_cpu_kernel_serves_like_the_dequantize_reference(rtn_checkpoint, dequantize_reference, sample_image,
                                                          scheme, kernel):
-    """W4A16 / W3A16 through a forced packed kernel: the one log line names it, the layers hold packed
+    """W4A16 / W3A16 / W2A16 through a forced packed kernel: the one log line names it, the layers hold packed
     weights (under 30% of bf16's bytes), and greedy decoding agrees with dequantize-once."""
     from tlq_vllm.vllm_plugin.packed_wna16 import cpu_has_wna16_gemm
 
@@ -256,7 +257,7 @@ def test_cpu_kernel_serves_like_the_dequantize_reference(rtn_checkpoint, dequant
     assert served.kernels == {kernel}
     (line,) = served.log
     assert line.startswith(f"tlq: {scheme} layers use {KERNEL_LOG_NAMES[kernel]}"), line
-    assert ("repacked to int4" in line) == (scheme == "W3A16")
+    assert ("repacked to int4" in line) == (scheme in ("W3A16", "W2A16"))
     assert served.weight_ratio < 0.3, served.weight_ratio
     _assert_greedy_agrees(served.output, reference.output)
 

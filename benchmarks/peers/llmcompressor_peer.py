@@ -40,7 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SCHEMES = ("W4A16", "W8A8", "W4A8", "W3A16")
+SCHEMES = ("W4A16", "W8A8", "W4A8", "W3A16", "W2A16")
+# Weight-only grids without a compressed-tensors preset: (bits, group size), as tlq defines them.
+BY_HAND = {"W3A16": (3, 128), "W2A16": (2, 64)}
 ALGORITHMS = ("gptq", "awq")
 # AWQ's (smooth layer, balance layers) pairs for the Qwen2 decoder of Qwen2-VL: llm-compressor 0.14
 # has none registered for Qwen2VLForConditionalGeneration; these are its Qwen2.5-VL ones, every
@@ -176,18 +178,20 @@ def make_scheme(name: str):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES, preset_name_to_scheme
 
-    if name in PRESET_SCHEMES:
-        scheme = preset_name_to_scheme(name, ["Linear"])
-    elif name == "W3A16":  # not a preset in older compressed-tensors: the same by hand
+    if name in BY_HAND:  # no preset, or (W2A16 in 0.19) a preset of another group size: by hand
+        bits, group = BY_HAND[name]
         scheme = QuantizationScheme(
             targets=["Linear"],
             weights=QuantizationArgs(
-                num_bits=3, type="int", symmetric=True, strategy="group", group_size=128, dynamic=False
+                num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group, dynamic=False
             ),
         )
+    elif name in PRESET_SCHEMES:
+        scheme = preset_name_to_scheme(name, ["Linear"])
     else:
         raise PeerError(f"scheme {name} has no compressed-tensors preset here")
-    expected = {"W4A16": (4, 128, None), "W3A16": (3, 128, None), "W4A8": (4, 128, 8), "W8A8": (8, None, 8)}[name]
+    expected = {"W4A16": (4, 128, None), "W4A8": (4, 128, 8), "W8A8": (8, None, 8),
+                **{n: (bits, group, None) for n, (bits, group) in BY_HAND.items()}}[name]
     w, a = scheme.weights, scheme.input_activations
     got = (w.num_bits, w.group_size, a.num_bits if a is not None else None)
     if got != expected or not w.symmetric or _value(w.type) != "int" or w.dynamic:

@@ -116,6 +116,10 @@ def card_text(log: dict, card: dict) -> str:
                            f"issue 14 asks for at least {100 * goal:.0f}: "
                            + ("met." if -row["difference"]["high"] >= goal else
                               "met in the mean, not at the interval's edge." if lost >= goal else "**not met**."))
+    w2 = next((r for r in card["rtn"] if r["scheme"] == "W2A16"), None)
+    if w2:
+        verdict.append(f"RTN W2A16 (group 64, the stress setting) loses {-100 * w2['difference']['diff']:.1f} points "
+                       f"(95% interval {-100 * w2['difference']['high']:.1f} to {-100 * w2['difference']['low']:.1f}).")
     finished = ("the schedule ran to its end" if log.get("schedule_finished", True)
                 else "**the schedule was cut short**")
     earlier = log.get("earlier_runs") or []
@@ -203,7 +207,8 @@ A toy: it describes and answers questions about synthetic scenes of coloured sha
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.toyvlm2.card", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(TESTBED_DIR))
-    parser.add_argument("--schemes", default="W4A16,W3A16,W4A8,W8A8", help="RTN checkpoints to measure ('' = none)")
+    parser.add_argument("--schemes", default="W4A16,W3A16,W2A16,W4A8,W8A8",
+                        help="RTN checkpoints to measure ('' = none)")
     parser.add_argument("--limit", type=int, help="test questions (default all 3,500)")
     parser.add_argument("--caption-scenes", type=int, default=CAPTION_SCENES)
     args = parser.parse_args(argv)

@@ -4,7 +4,7 @@ The calibrator hands over integers and scales (`QuantizedLinear`) per decoder li
 turns them into the tensors compressed-tensors stores, with compressed-tensors' own compressors, so
 the integers any runtime decodes are exactly the calibrator's:
 
-- weight-only schemes (W4A16, W3A16, W8A16): `pack-quantized`, `weight_packed` int32
+- weight-only schemes (W4A16, W3A16, W2A16, W8A16): `pack-quantized`, `weight_packed` int32
   [out, ceil(in / (32 // bits))] (8 values a word for 4 bits, 10 for 3 bits, 4 for 8 bits),
   `weight_scale` [out, in // group], `weight_shape` [2];
 - schemes with int8 activations (W8A8, W4A8): `int-quantized`, `weight` int8 [out, in] (4-bit

@@ -54,6 +54,7 @@ SCHEMES: dict[str, Scheme] = {
     for s in (
         Scheme("W4A16", weight_bits=4, group_size=128),
         Scheme("W3A16", weight_bits=3, group_size=128),
+        Scheme("W2A16", weight_bits=2, group_size=64),
         Scheme("W8A16", weight_bits=8, group_size=128),
         Scheme("W8A8", weight_bits=8, group_size=None, act_bits=8),
         Scheme("W4A8", weight_bits=4, group_size=128, act_bits=8),

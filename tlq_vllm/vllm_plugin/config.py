@@ -7,7 +7,9 @@ Machete/Marlin/CUTLASS on CUDA, CPU int8/Dynamic4bit on CPU) except for weight-o
 stock vLLM cannot run, or on CPU runs only on some builds -> `TLQPackedWNA16Scheme`, which picks a
 packed kernel per layer (see packed_wna16):
 - 3-bit weights (W3A16) everywhere: stock vLLM cannot even create the parameter (it sizes packed
-  columns as in*3/32, compressed-tensors packs 10 values per int32);
+  columns as in*3/32, compressed-tensors packs 10 values per int32); 2-bit ones (W2A16) too: stock
+  vLLM names their type (uint2b2) but has no CPU kernel for it, and on CUDA only the optional Humming
+  package has one;
 - on CPU, symmetric 4- and 8-bit weight-only too: vLLM's CPUWNA16 kernel exists in its AVX-512
   builds only and is 4-bit only; the scheme uses it where it exists and torch's packed int4/int8
   kernels where it does not.
@@ -119,11 +121,11 @@ def scheme_label(scheme_dict: dict | None) -> str:
 
 
 def needs_tlq_kernel(weights: Any) -> bool:
-    """3-bit integers everywhere; on CPU also symmetric 4- and 8-bit integers (vLLM's CPU WNA16 kernel
+    """2- and 3-bit integers everywhere; on CPU also symmetric 4- and 8-bit integers (vLLM's CPU WNA16 kernel
     exists only in its AVX-512 builds and only for 4 bits: the tlq scheme picks a kernel per layer).
     Asymmetric 4-bit stays with stock vLLM (its CPUWNA16 kernel takes zero points)."""
     if weights.type != "int":
         return False
-    if weights.num_bits == 3:
+    if weights.num_bits in (2, 3):
         return True
     return current_platform.is_cpu() and (weights.num_bits == 8 or (weights.num_bits == 4 and bool(weights.symmetric)))

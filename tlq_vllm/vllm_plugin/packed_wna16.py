@@ -8,13 +8,16 @@ Kernels. The kernel is chosen per layer in `create_weights` (`choose_cpu_kernel`
 the checkpoint's words are repacked for it only in `process_weights_after_loading`:
 - CUDA, 3-bit: tlq_vllm.kernels.w3a16.w3a16_linear: a Triton kernel dequantizes the packed words
   on every call (one pass) and cuBLAS multiplies; only the packed weight stays resident.
+- CUDA, 2-bit (W2A16, a stress setting of the accuracy benchmark): dequantize once, the logged last
+  resort (no packed 2-bit CUDA kernel here).
 - CPU ("auto" takes the first that can run the layer: this order on CPUs with AMX, torch-int4 before
   vllm on the others, see `auto_kernel_order`):
     vllm        vLLM's CPUWNA16LinearKernel (`cpu_gemm_wna16`, in vLLM's AVX-512 CPU builds only):
-                3- and 4-bit integers rewritten as compressed-tensors' 4-bit words (uint4b8), which
+                2-, 3- and 4-bit integers rewritten as compressed-tensors' 4-bit words (uint4b8), which
                 that kernel blocks as it does for stock W4A16 checkpoints;
-    torch-int4  torch's `_weight_int4pack_mm_for_cpu` (AVX-512, AVX2 and a default kernel): 3- and
-                4-bit integers on the int4 grid, tlq_vllm.kernels.cpu_wna16; from
+    torch-int4  torch's `_weight_int4pack_mm_for_cpu` (AVX-512, AVX2 and a default kernel): 2-, 3- and
+                4-bit integers on the int4 grid (2- and 3-bit ones then take int4's memory and time),
+                tlq_vllm.kernels.cpu_wna16; from
                 `cpu_wna16.INT4_DEQUANTIZE_MIN_M` rows (prefill) each call dequantizes the packed weight
                 for itself and runs a bf16 GEMM (the int4 kernel is fp32-FMA bound there), chosen per call;
     torch-int8  torch's `_weight_int8pack_mm`: 8-bit integers with one scale per output channel (it
@@ -132,7 +135,7 @@ def choose_cpu_kernel(reasons: dict[str, str | None], requested: str, order: tup
 
 
 class TLQPackedWNA16Scheme(CompressedTensorsScheme):
-    """Symmetric int{3,4,8} weights (groups, or one scale per channel on CPU) in compressed-tensors' packed layout."""
+    """Symmetric int{2,3,4,8} weights (groups, or one scale per channel on CPU) in compressed-tensors' packed layout."""
 
     def __init__(self, num_bits: int, group_size: int | None):
         self.num_bits = num_bits
@@ -152,7 +155,8 @@ class TLQPackedWNA16Scheme(CompressedTensorsScheme):
 
     def kernel_name(self) -> str:
         """What serves this scheme's layers, as the log line says it (after create_weights)."""
-        repacked = " (3-bit integers repacked to int4)" if self.num_bits == 3 else ""
+        repacked = f" ({self.num_bits}-bit integers repacked to int4)" if self.num_bits < 4 else ""
+        where = " (CPU)" if current_platform.is_cpu() else ""
         return {
             None: "a kernel chosen per layer at load",
             "triton": "TLQ Triton W3A16 kernel",
@@ -161,7 +165,7 @@ class TLQPackedWNA16Scheme(CompressedTensorsScheme):
                           f"{cpu_wna16.INT4_DEQUANTIZE_MIN_M} rows, from there dequantized per call + "
                           f"{self.prefill_gemm} GEMM",
             "torch-int8": "torch _weight_int8pack_mm (per-channel int8)",
-            "dequantize": f"TLQ dequantize-once W{self.num_bits}A16 (CPU): bf16 weights, plain GEMM",
+            "dequantize": f"TLQ dequantize-once W{self.num_bits}A16{where}: bf16 weights, plain GEMM",
         }[self.kernel]
 
     def create_weights(self, layer: torch.nn.Module, output_size: int, input_size: int,
@@ -200,9 +204,10 @@ class TLQPackedWNA16Scheme(CompressedTensorsScheme):
 
     def _choose_kernel(self, input_size: int, output_size: int, in_features: int, out_features: int,
                        dtype: torch.dtype) -> None:
-        if current_platform.is_cuda_alike():
-            self.kernel = "triton"  # config routes only 3-bit, grouped weights here on CUDA
-            log_kernel_once(self.label, self.kernel_name())
+        if current_platform.is_cuda_alike():  # config routes only 2- and 3-bit, grouped weights here on CUDA
+            self.kernel = "triton" if self.num_bits == 3 else "dequantize"
+            detail = "" if self.kernel == "triton" else f" [last resort: no packed {self.num_bits}-bit CUDA kernel]"
+            log_kernel_once(self.label, self.kernel_name(), detail)
             return
         vllm_config = _vllm_wna16_config(self.num_bits, self.group_size, input_size, output_size,
                                          in_features, out_features, dtype)
