@@ -271,3 +271,25 @@ def test_grouped_w8a16_falls_back_to_dequantize_once_and_says_why(rtn_checkpoint
     assert line.startswith("tlq: W8A16 layers use TLQ dequantize-once W8A16 (CPU)")
     assert "last resort" in line and "one scale per output channel" in line
     assert len(served.output.token_ids) > 0
+
+
+@pytest.mark.parametrize("bits, kernel", [(3, "triton"), (2, "dequantize")])
+def test_cuda_kernel_choice_for_the_schemes_stock_vllm_cannot_serve(monkeypatch, bits, kernel):
+    """On CUDA (the platform faked: no GPU here) 3-bit layers get the Triton kernel and 2-bit ones
+    dequantize-once, whose one log line says it is the last resort."""
+    import types
+
+    from tlq_vllm.vllm_plugin import packed_wna16
+
+    cuda = types.SimpleNamespace(is_cuda_alike=lambda: True, is_cpu=lambda: False)
+    monkeypatch.setattr(packed_wna16, "current_platform", cuda)
+    lines = []
+    monkeypatch.setattr(packed_wna16, "log_kernel_once", lambda label, name, detail="": lines.append(
+        f"{label} layers use {name}{detail}"))
+    scheme = packed_wna16.TLQPackedWNA16Scheme(bits, 64)
+    scheme._choose_kernel(256, 128, 256, 128, torch.bfloat16)
+    assert scheme.kernel == kernel
+    expected = {3: "W3A16 layers use TLQ Triton W3A16 kernel",
+                2: "W2A16 layers use TLQ dequantize-once W2A16: bf16 weights, plain GEMM [last resort: no packed "
+                   "2-bit CUDA kernel]"}[bits]
+    assert lines == [expected]
