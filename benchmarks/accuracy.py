@@ -215,14 +215,45 @@ def correct_string(items, predictions: list[str]) -> str:
     return "".join("1" if vqa_score(p, it.answers) >= 1 else "0" for p, it in zip(predictions, items, strict=True))
 
 
+def matrix_identity(args) -> dict:
+    """What a finished run's records depend on besides its (variant, scheme, seed): --resume reuses
+    records only from a work dir written with the same values."""
+    return {"model": str(args.model), "data": args.data, "eval_limit": args.eval_limit,
+            "num_samples": args.num_samples}
+
+
+def finished_records(work: Path) -> list[dict]:
+    """Every record the workers have written to `work` so far (one JSON line each, as they finish)."""
+    return [json.loads(line) for path in sorted(work.glob("records-*.jsonl"))
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+def pending_runs(args) -> list[tuple[Variant, str, int]]:
+    """The plan's runs whose record is not yet in the work dir (`todo.json`, written by run_matrix)."""
+    by_label = {v.label: v for v, _, _ in plan(args)}
+    return [(by_label[label], scheme, seed)
+            for label, scheme, seed in json.loads((Path(args.work_dir) / "todo.json").read_text())]
+
+
 def run_matrix(args) -> dict:
     """FP evaluation here, then the plan's calibrations split round-robin over `--jobs` worker
-    processes (one thread each: on a few cores, small models run faster side by side than threaded)."""
+    processes (one thread each: on a few cores, small models run faster side by side than threaded).
+    Workers write each record as it finishes; `--resume` runs only what an interrupted run left."""
     from tlq_vllm.eval.__main__ import evaluate_hf
 
     model = str(args.model)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    identity_file = work / "matrix.json"
+    if not args.resume:
+        for stale in work.glob("records-*.jsonl"):
+            stale.unlink()
+    identity_file.write_text(json.dumps(matrix_identity(args)) + "\n")
+    done = {(r["variant"], r["scheme"], r["seed"]) for r in finished_records(work) if "error" not in r}
+    todo = [(v.label, scheme, seed) for v, scheme, seed in plan(args) if (v.label, scheme, seed) not in done]
+    (work / "todo.json").write_text(json.dumps(todo) + "\n")
+    if args.resume:
+        print(f"--resume: {len(done)} run(s) already recorded in {work}, {len(todo)} to go", flush=True)
     items, encoded, captions = encode_eval_set(model, args.eval_limit, args.dataset)
     print(f"accuracy benchmark: {model}; {len(items)} {args.data} {args.dataset.split} questions"
           + (f" and {args.dataset.caption_scenes} captions" if captions else "") + "; calibration: "
@@ -250,9 +281,10 @@ def run_matrix(args) -> dict:
                 w.terminate()
     if any(codes):
         raise RuntimeError(f"accuracy workers exited with {codes}")
-    runs = [r for i in range(args.jobs) for r in json.loads((work / f"runs-{i}.json").read_text())]
     order = {key: n for n, key in enumerate((v.label, sc, s) for v, sc, s in plan(args))}
-    runs.sort(key=lambda r: order[(r["variant"], r["scheme"], r["seed"])])
+    latest = {(r["variant"], r["scheme"], r["seed"]): r for r in finished_records(work)}  # a rerun replaces a failure
+    runs = sorted((r for key, r in latest.items() if key in order), key=lambda r: order[(r["variant"], r["scheme"],
+                                                                                        r["seed"])])
     importance = next((r.pop("importance") for r in runs if r.get("importance")), None)
     for r in runs:
         r.pop("importance", None)
@@ -308,7 +340,8 @@ def served_check(args, items, fp_predictions: list[str]) -> list[dict]:
 
 
 def run_worker(args) -> None:
-    """Calibrates and evaluates this worker's share of the plan; writes runs-<i>.json."""
+    """Calibrates and evaluates this worker's share of the pending runs; appends each record to
+    records-<i>.jsonl as it finishes, so an interrupted matrix keeps what it measured."""
     from tlq_vllm.eval.__main__ import evaluate_hf
 
     index, count = (int(x) for x in args.worker.split("/"))
@@ -317,9 +350,13 @@ def run_worker(args) -> None:
     fp_log_probs = torch.load(work / "fp_log_probs.pt")
     fp_caption_log_probs = torch.load(work / "fp_caption_log_probs.pt") if captions else None
     data = args.dataset.calibration_data
-    runs = list(enumerate(plan(args), start=1))[index::count]
-    total = len(plan(args))
-    records = []
+    runs = list(enumerate(pending_runs(args), start=1))[index::count]
+    total = len(pending_runs(args))
+    records = work / f"records-{index}.jsonl"
+
+    def record(entry: dict) -> None:
+        with records.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
     for n, (variant, scheme, seed) in runs:
         name = variant.label.replace(" ", "_").replace(":", "").replace("=", "").replace("(", "").replace(")", "")
         out = work / f"{name}-{scheme}-s{seed}"
@@ -331,23 +368,22 @@ def run_worker(args) -> None:
                 checkpoint = calibrate(model, variant, scheme, seed, args.num_samples, out, data)
         except Exception as err:  # a method that cannot do a scheme is a result, not a crash of the matrix
             print(f"[{n}/{total}] {variant.label} {scheme} seed {seed}: FAILED: {err}", flush=True)
-            records.append({"variant": variant.label, "scheme": scheme, "seed": seed, "error": str(err)})
+            record({"variant": variant.label, "scheme": scheme, "seed": seed, "error": str(err)})
             continue
         seconds = round(time.time() - t0, 1)
         metrics, predictions, _ = evaluate_hf(checkpoint, encoded, reference=fp_log_probs, progress=False)
         metrics["correct"] = correct_string(items, predictions)
         if captions:
             metrics.update(caption_metrics(checkpoint, captions, fp_caption_log_probs)[0])
-        record = {"variant": variant.label, "scheme": scheme, "seed": seed, "calibration_seconds": seconds, **metrics}
+        entry = {"variant": variant.label, "scheme": scheme, "seed": seed, "calibration_seconds": seconds, **metrics}
         if variant.token_level and scheme == args.schemes[0] and seed == args.seeds[0]:
-            record["importance"] = {"scheme": scheme, "seed": seed, "per_layer_raw": tlq_importance(checkpoint)}
-        records.append(record)
+            entry["importance"] = {"scheme": scheme, "seed": seed, "per_layer_raw": tlq_importance(checkpoint)}
+        record(entry)
         print(f"[{n}/{total}] {variant.label:32s} {scheme} seed {seed}: accuracy {metrics['accuracy']:.4f}, "
               f"top-1 agreement {metrics['top1_agreement']:.4f}, KL {metrics['mean_kl']:.2e} "
               f"(calibration {seconds} s, eval {metrics['seconds']} s)", flush=True)
         if not args.keep_checkpoints:
             shutil.rmtree(checkpoint, ignore_errors=True)
-    (work / f"runs-{index}.json").write_text(json.dumps(records, indent=1) + "\n")
 
 
 def question_scores(runs: list[dict]) -> list[float] | None:
@@ -437,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                         "benchmarks/results/accuracy-scenes (scenes)")
     parser.add_argument("--work-dir", help="default out/bench-accuracy[-scenes]")
     parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the records an interrupted run left in --work-dir and run only the rest")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each (default 2)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: "i/n", this process's share of the plan
     parser.add_argument("--quick", action="store_true",
@@ -492,6 +530,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"wrote {', '.join(str(p) for p in write_report(results, Path(args.results_dir)))}")
         return 0
+    identity_file = Path(args.work_dir) / "matrix.json"
+    if args.resume and identity_file.is_file() and json.loads(identity_file.read_text()) != matrix_identity(args):
+        print(f"error: --resume: {args.work_dir} holds a run of {identity_file.read_text().strip()}, not of "
+              f"{json.dumps(matrix_identity(args))}; drop --resume or pick another --work-dir", file=sys.stderr)
+        return 2
     started = time.time()
     results = run_matrix(args)
     results["wall_s"] = round(time.time() - started, 1)

@@ -129,6 +129,19 @@ def test_quick_accuracy_benchmark_runs_end_to_end_and_writes_well_formed_results
     md = (tmp_path / "results" / "ACCURACY.md").read_text()
     assert "| tlq |" in md and "accuracy_retained.png" in md
     assert (tmp_path / "results" / "accuracy_retained.png").stat().st_size > 0
+    # --resume: the tlq record is dropped as if its worker had been killed; only that run is redone,
+    # rtn's record is kept as it was, and tlq's comes back the same
+    records = tmp_path / "work" / "records-0.jsonl"
+    rtn, tlq = (json.loads(line) for line in records.read_text().splitlines())
+    records.write_text(json.dumps(rtn) + "\n")
+    again = ["--quick", "--resume", "--results-dir", str(tmp_path / "again"), "--work-dir", str(tmp_path / "work")]
+    assert main(again) == 0
+    resumed = json.loads((tmp_path / "again" / "accuracy.json").read_text())
+    assert json.loads((tmp_path / "work" / "todo.json").read_text()) == [["tlq", "W4A16", 0]]
+    assert [r["calibration_seconds"] for r in resumed["runs"]][0] == rtn["calibration_seconds"]
+    assert [r["accuracy"] for r in resumed["runs"]] == [r["accuracy"] for r in results["runs"]]
+    # the work dir of another matrix (here: other data) is refused, not mixed in
+    assert main([*again, "--data", "scenes"]) == 2
 
 
 @pytest.mark.slow
