@@ -228,6 +228,15 @@ def finished_records(work: Path) -> list[dict]:
             for line in path.read_text().splitlines() if line.strip()]
 
 
+def latest_records(records: list[dict]) -> dict[tuple[str, str, int], dict]:
+    """One record per (variant, scheme, seed): a run that failed and was redone by --resume keeps
+    its success, whichever worker's file holds which."""
+    latest = {}
+    for r in sorted(records, key=lambda r: "error" not in r):  # failures first, so a success overwrites them
+        latest[(r["variant"], r["scheme"], r["seed"])] = r
+    return latest
+
+
 def pending_runs(args) -> list[tuple[Variant, str, int]]:
     """The plan's runs whose record is not yet in the work dir (`todo.json`, written by run_matrix)."""
     by_label = {v.label: v for v, _, _ in plan(args)}
@@ -282,9 +291,8 @@ def run_matrix(args) -> dict:
     if any(codes):
         raise RuntimeError(f"accuracy workers exited with {codes}")
     order = {key: n for n, key in enumerate((v.label, sc, s) for v, sc, s in plan(args))}
-    latest = {(r["variant"], r["scheme"], r["seed"]): r for r in finished_records(work)}  # a rerun replaces a failure
-    runs = sorted((r for key, r in latest.items() if key in order), key=lambda r: order[(r["variant"], r["scheme"],
-                                                                                        r["seed"])])
+    runs = sorted((r for key, r in latest_records(finished_records(work)).items() if key in order),
+                  key=lambda r: order[(r["variant"], r["scheme"], r["seed"])])
     importance = next((r.pop("importance") for r in runs if r.get("importance")), None)
     for r in runs:
         r.pop("importance", None)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.accuracy import ABLATIONS, METHOD_VARIANTS, SHAPING, differences, plan, summarize
+from benchmarks.accuracy import ABLATIONS, METHOD_VARIANTS, SHAPING, differences, latest_records, plan, summarize
 from tlq_vllm.calibrate.data import DataError
 from tlq_vllm.eval import load_items, normalize_answer, vqa_score
 from tlq_vllm.eval.hf import add_activation_quantization, agreement_and_kl
@@ -97,6 +97,14 @@ def test_plan_runs_rtn_once_smoothquant_only_for_a8_and_ablations_on_their_schem
     Args.ablations = "shaping"
     shaping = [(v.label, scheme) for v, scheme, _ in plan(Args) if v.label.startswith("tlq:")]
     assert shaping == [(v.label, "W4A16") for v in SHAPING for _ in range(3)]
+
+
+def test_a_redone_run_keeps_its_success_whichever_file_comes_first():
+    ok = {"variant": "tlq", "scheme": "W2A16", "seed": 1, "accuracy": 0.5}
+    failed = {"variant": "tlq", "scheme": "W2A16", "seed": 1, "error": "killed"}
+    other = {"variant": "tlq", "scheme": "W2A16", "seed": 2, "error": "still failing"}
+    for records in ([ok, failed, other], [failed, ok, other]):
+        assert latest_records(records) == {("tlq", "W2A16", 1): ok, ("tlq", "W2A16", 2): other}
 
 
 def test_differences_pair_methods_and_each_ablation_with_the_default_tlq_row():
