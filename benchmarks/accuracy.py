@@ -215,6 +215,9 @@ def correct_string(items, predictions: list[str]) -> str:
     return "".join("1" if vqa_score(p, it.answers) >= 1 else "0" for p, it in zip(predictions, items, strict=True))
 
 
+MATRIX_FILE = "matrix.json"  # in --work-dir: the matrix_identity of the run that wrote its records
+
+
 def matrix_identity(args) -> dict:
     """What a finished run's records depend on besides its (variant, scheme, seed): --resume reuses
     records only from a work dir written with the same values."""
@@ -253,7 +256,7 @@ def run_matrix(args) -> dict:
     model = str(args.model)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    identity_file = work / "matrix.json"
+    identity_file = work / MATRIX_FILE
     if not args.resume:
         for stale in work.glob("records-*.jsonl"):
             stale.unlink()
@@ -358,8 +361,9 @@ def run_worker(args) -> None:
     fp_log_probs = torch.load(work / "fp_log_probs.pt")
     fp_caption_log_probs = torch.load(work / "fp_caption_log_probs.pt") if captions else None
     data = args.dataset.calibration_data
-    runs = list(enumerate(pending_runs(args), start=1))[index::count]
-    total = len(pending_runs(args))
+    pending = pending_runs(args)
+    runs = list(enumerate(pending, start=1))[index::count]
+    total = len(pending)
     records = work / f"records-{index}.jsonl"
 
     def record(entry: dict) -> None:
@@ -538,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"wrote {', '.join(str(p) for p in write_report(results, Path(args.results_dir)))}")
         return 0
-    identity_file = Path(args.work_dir) / "matrix.json"
+    identity_file = Path(args.work_dir) / MATRIX_FILE
     if args.resume and identity_file.is_file() and json.loads(identity_file.read_text()) != matrix_identity(args):
         print(f"error: --resume: {args.work_dir} holds a run of {identity_file.read_text().strip()}, not of "
               f"{json.dumps(matrix_identity(args))}; drop --resume or pick another --work-dir", file=sys.stderr)

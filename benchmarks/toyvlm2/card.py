@@ -105,21 +105,21 @@ def card_text(log: dict, card: dict) -> str:
     head = [(r["scheme"], pct(r["accuracy"]), points(r["difference"]),
              *(f"{100 * r['by_type'][t]['diff']:+.1f}" for t in types), f"{r['captions']['caption_nll']:.3f}",
              f"{r['captions']['mean_kl']:.2e}", pct(r["captions"]["object_f1"])) for r in card["rtn"]]
-    w3 = next((r for r in card["rtn"] if r["scheme"] == "W3A16"), None)
-    w4a8 = next((r for r in card["rtn"] if r["scheme"] == "W4A8"), None)
+    rows = {r["scheme"]: r for r in card["rtn"]}
+
+    def loss(label: str, d: dict) -> str:
+        return (f"RTN {label} loses {-100 * d['diff']:.1f} points (95% interval {-100 * d['high']:.1f} to "
+                f"{-100 * d['low']:.1f})")
+
     verdict = []
-    for name, row, goal in (("W3A16", w3, 0.05), ("W4A8", w4a8, 0.02)):
-        if row:
-            lost = -row["difference"]["diff"]
-            verdict.append(f"RTN {name} loses {100 * lost:.1f} points (95% interval "
-                           f"{-100 * row['difference']['high']:.1f} to {-100 * row['difference']['low']:.1f}); "
-                           f"issue 14 asks for at least {100 * goal:.0f}: "
-                           + ("met." if -row["difference"]["high"] >= goal else
-                              "met in the mean, not at the interval's edge." if lost >= goal else "**not met**."))
-    w2 = next((r for r in card["rtn"] if r["scheme"] == "W2A16"), None)
-    if w2:
-        verdict.append(f"RTN W2A16 (group 64, the stress setting) loses {-100 * w2['difference']['diff']:.1f} points "
-                       f"(95% interval {-100 * w2['difference']['high']:.1f} to {-100 * w2['difference']['low']:.1f}).")
+    for name, goal in (("W3A16", 0.05), ("W4A8", 0.02)):
+        if name in rows:
+            d = rows[name]["difference"]
+            verdict.append(f"{loss(name, d)}; issue 14 asks for at least {100 * goal:.0f}: "
+                           + ("met." if -d["high"] >= goal else
+                              "met in the mean, not at the interval's edge." if -d["diff"] >= goal else "**not met**."))
+    if "W2A16" in rows:
+        verdict.append(loss("W2A16 (group 64, the stress setting)", rows["W2A16"]["difference"]) + ".")
     finished = ("the schedule ran to its end" if log.get("schedule_finished", True)
                 else "**the schedule was cut short**")
     earlier = log.get("earlier_runs") or []
